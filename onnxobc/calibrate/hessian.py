@@ -1,0 +1,123 @@
+"""Recording layer inputs with ONNX Runtime and accumulating one Hessian per layer (and group).
+
+H = 2 X X^T / n_samples (ALGORITHMS.md section 0), accumulated in float64 while streaming over batches:
+memory holds one batch's activations, never the dataset's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import CalibrationError
+from .data import feed_samples, input_specs
+from ..graph.layers import Layer, tensor_types
+from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """Accumulated second moments of one layer's input columns."""
+
+    xtx: np.ndarray  # (groups, C, C) float64, sum over columns of x x^T
+    columns: int = 0  # columns seen (samples x positions)
+    samples: int = 0
+
+    def hessian(self) -> np.ndarray:
+        """H = 2 X X^T / n_samples, one C x C matrix per group."""
+        return self.xtx * (2.0 / max(self.samples, 1))
+
+    @property
+    def positions_per_sample(self) -> float:
+        return self.columns / max(self.samples, 1)
+
+
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
+    """An ONNX Runtime session with graph optimisations off (so every recorded tensor survives)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        if tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD:
+            tmp = tempfile.mkdtemp(prefix="onnxobc-calib-")
+            path = Path(tmp) / "augmented.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="augmented.onnx.data")
+            return ort.InferenceSession(str(path), so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CalibrationError(f"ONNX Runtime cannot load the model: {msg}") from e
+
+
+def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs)."""
+    aug = copy.deepcopy(model)
+    inputs = {i.name for i in aug.graph.input}
+    outputs = {o.name for o in aug.graph.output}
+    types = tensor_types(model)
+    fetch = []
+    for t in dict.fromkeys(tensors):
+        if t in inputs:
+            continue
+        if t not in outputs:
+            aug.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
+        fetch.append(t)
+    return aug, fetch
+
+
+def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]],
+                     *, providers: list[str] | None = None,
+                     progress: Callable[[Iterable, str, int | None], Iterable] | None = None,
+                     total: int | None = None) -> dict[str, LayerStats]:
+    """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
+    that share a weight)."""
+    specs = input_specs(model)
+    wanted = [c.input_name for layer in layers for c in layer.consumers]
+    aug, fetch = augment(model, wanted)
+    sess = make_session(aug, providers)
+    stats = {
+        layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols), dtype=np.float64)) for layer in layers
+    }
+    it: Iterable = batches
+    if progress is not None:
+        it = progress(batches, "calibrating", total)
+    nb = 0
+    for feed in it:
+        try:
+            outs = sess.run(fetch, feed) if fetch else []
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch {nb}: {msg}") from e
+        values: dict[str, Any] = dict(zip(fetch, outs))
+        values.update(feed)
+        n = feed_samples(feed, specs)
+        for layer in layers:
+            st = stats[layer.name]
+            for c in layer.consumers:
+                x = np.asarray(values[c.input_name])
+                if layer.op == "MatMul" and x.shape[-1] != layer.weight.shape[0]:
+                    raise CalibrationError(f"{c.node_name}: input has last dim {x.shape[-1]}, weight expects {layer.weight.shape[0]}")
+                cols = c.layout.unfold(x, layer.weight.shape)
+                if cols.shape[1] != layer.cols:
+                    raise CalibrationError(
+                        f"{c.node_name}: unfolded input has {cols.shape[1]} rows, the weight has fan-in {layer.cols}"
+                    )
+                st.xtx += np.matmul(cols, cols.transpose(0, 2, 1))
+                st.columns += cols.shape[2]
+            st.samples += n
+        nb += 1
+    if nb == 0:
+        raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
+    return stats

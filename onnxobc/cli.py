@@ -1,0 +1,269 @@
+"""The `onnxobc` command: argument parsing, progress display, summary table, exit codes.
+
+Exit codes: 0 success, 1 error in the model/data/computation, 2 bad usage (argparse and option checks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """A plain-text table (monospace, no dependencies)."""
+    right = right or set()
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def _progress_factory(quiet: bool):
+    enabled = not quiet and sys.stderr.isatty()
+
+    def progress(it: Iterable, desc: str, total: int | None) -> Iterable:
+        if not enabled:
+            return it
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, total=total, unit="batch" if desc.startswith("calib") else "layer",
+                    leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    return progress
+
+
+# ---- inspect --------------------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .graph import find_layers, load_model
+
+    model = load_model(args.model)
+    layers, skipped = find_layers(model)
+    info = {
+        "model": str(args.model),
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "layers": [
+            {"name": l.name, "op": l.op, "weight": l.weight_name, "weight_shape": list(l.weight.shape),
+             "rows": l.groups * l.rows, "C": l.cols, "groups": l.groups, "params": l.params, "macs": l.static_macs(),
+             "nodes": [c.node_name for c in l.consumers], "source": l.source_kind,
+             "chain": [s.op for s in l.chain]}
+            for l in layers
+        ],
+        "skipped": [{"name": s.node_name, "op": s.op, "reason": s.reason} for s in skipped],
+    }
+    info["total_params"] = sum(l["params"] for l in info["layers"])
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"{args.model}: {len(layers)} compressible layers, {_fmt_int(info['total_params'])} parameters, "
+          f"opsets {', '.join(f'{k} {v}' for k, v in info['opsets'].items())}")
+    rows = []
+    for l in info["layers"]:
+        extra = []
+        if len(l["nodes"]) > 1:
+            extra.append("shared by " + ", ".join(l["nodes"]))
+        if l["chain"]:
+            extra.append("via " + " > ".join([l["source"]] + l["chain"]))
+        elif l["source"] == "constant":
+            extra.append("Constant node")
+        rows.append([l["name"], l["op"], "x".join(map(str, l["weight_shape"])), f"{l['rows']}x{l['C']}",
+                     str(l["groups"]), _fmt_int(l["params"]), _fmt_int(l["macs"]), "; ".join(extra)])
+    if rows:
+        print(format_table(["layer", "op", "weight", "rows x C", "groups", "params", "MACs/sample", "note"], rows,
+                           right={4, 5, 6}))
+    if skipped:
+        print(f"\nskipped {len(skipped)}:")
+        print(format_table(["node", "op", "reason"], [[s["name"], s["op"], s["reason"]] for s in info["skipped"]]))
+    return EXIT_OK
+
+
+# ---- compress -------------------------------------------------------------------------------------------
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import CompressConfig
+
+    return CompressConfig(
+        method=args.method, sparsity=args.sparsity, nm=args.nm, block_size=args.block_size, bits=args.bits,
+        sym=args.sym, grid=args.grid, damp=args.damp, samples=args.samples, batch_size=args.batch_size,
+        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
+    )
+
+
+def _default_output(model: str) -> str:
+    p = Path(model)
+    return str(p.with_name(p.stem + ".obc.onnx"))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .pipeline import compress
+
+    try:
+        cfg = _config_from_args(args)
+    except ValueError as e:
+        _error(str(e), EXIT_USAGE)
+        return EXIT_USAGE
+    output = args.output or _default_output(args.model)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None and report_path.exists() and not args.force:
+        _error(f"report {report_path} already exists: choose another path or pass --force", EXIT_USAGE)
+        return EXIT_USAGE
+    result = compress(args.model, output, args.calib, cfg, force=args.force, progress=_progress_factory(args.quiet))
+    data = result.to_dict()
+    data.pop("extra", None)
+    if not args.quiet:
+        rows = []
+        for l in result.layers:
+            bits = str(l.bits) if l.bits else "-"
+            rows.append([l.name, l.op, l.shape, l.method, f"{l.sparsity:.1%}", bits, f"{l.error:.2e}",
+                         f"{l.seconds:.2f}", l.note])
+        print(format_table(["layer", "op", "shape", "method", "sparsity", "bits", "error", "seconds", "note"], rows,
+                           right={4, 5, 6, 7}))
+        tot_params = sum(l.params for l in result.layers)
+        zeros = sum(l.sparsity * l.params for l in result.layers)
+        macs = [l.macs for l in result.layers]
+        print(f"\n{len(result.layers)} layers compressed ({_fmt_int(tot_params)} weights, {zeros / max(tot_params, 1):.1%} "
+              f"zero{'' if None in macs else f', {_fmt_int(sum(macs))} MACs/sample'}), "
+              f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected; {result.samples} calibration samples")
+        print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
+              f"total {result.seconds['total']:.1f} s")
+        print(f"wrote {result.output} ({_fmt_bytes(result.output_bytes)}; input {_fmt_bytes(result.input_bytes)})")
+    if report_path is not None:
+        tmp = report_path.with_name(report_path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, report_path)
+        if not args.quiet:
+            print(f"report: {report_path}")
+    return EXIT_OK
+
+
+# ---- parser ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnxobc",
+        description="Post-training pruning and quantization of ONNX models with Optimal Brain Compression "
+                    "(ExactOBS / OBQ), using a few hundred unlabelled calibration samples.",
+    )
+    p.add_argument("--version", action="version", version=f"onnxobc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show Python tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+
+    pi = sub.add_parser("inspect", parents=[common], help="list the compressible layers of a model",
+                        description="List every Gemm/MatMul/Conv with a constant weight (shape as rows x C, groups, "
+                                    "parameters, MACs per sample) and every candidate that is skipped, with the reason.")
+    pi.add_argument("model", help="path of the .onnx model")
+    pi.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    pi.set_defaults(func=cmd_inspect)
+
+    pc = sub.add_parser(
+        "compress", parents=[common], help="prune and/or quantize a model",
+        description="Prune and/or quantize every compressible layer of MODEL, layer by layer, so that each layer's "
+                    "output on the calibration data changes as little as possible.",
+        epilog="examples:\n"
+               "  onnxobc compress model.onnx --calib calib.npz --sparsity 0.5\n"
+               "  onnxobc compress model.onnx --calib calib.npz --nm 2:4 --bits 8 -o model.24w8.onnx\n"
+               "  onnxobc compress model.onnx --calib calib.npz --bits 4 --method rtn --report rtn.json\n"
+               "calibration data: an .npz whose keys are the model's input names (axis 0 = samples), or a folder of them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pc.add_argument("model", help="path of the .onnx model (never modified)")
+    pc.add_argument("-o", "--output", help="output model path (default: MODEL with .obc.onnx)")
+    pc.add_argument("--calib", required=True, metavar="DATA", help=".npz file or directory of .npz files")
+    pc.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples (default: all)")
+    pc.add_argument("--batch-size", type=int, default=32, metavar="B", help="calibration batch size (default 32)")
+    g = pc.add_argument_group("what to do")
+    g.add_argument("--sparsity", type=float, metavar="S", help="fraction of weights to zero per layer, e.g. 0.5")
+    g.add_argument("--nm", metavar="N:M", help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")
+    g.add_argument("--block-size", type=int, metavar="B", help="zero weights in blocks of B consecutive inputs (with --sparsity)")
+    g.add_argument("--bits", type=int, metavar="B", help="quantize weights to B bits (2..8), per output channel")
+    g.add_argument("--method", choices=["exact", "magnitude", "rtn"], default="exact",
+                   help="exact: ExactOBS/OBQ (default); magnitude / rtn: the baselines")
+    g.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
+    g.add_argument("--grid", choices=["minmax", "mse"], default="minmax", help="grid range: min-max or MSE search")
+    g.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    g.add_argument("--include", metavar="REGEX", help="only layers whose node or weight name matches")
+    g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="engine working precision")
+    pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    pc.add_argument("--force", action="store_true", help="overwrite an existing output")
+    pc.set_defaults(func=cmd_compress)
+    return p
+
+
+def _error(msg: str, code: int) -> None:
+    print(f"onnxobc: error: {msg}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
+                        format="onnxobc: %(levelname)s: %(message)s")
+    from .errors import OnnxObcError, UsageError
+
+    try:
+        return args.func(args)
+    except (UsageError, ValueError) as e:
+        if args.debug:
+            raise
+        _error(str(e), EXIT_USAGE)
+        return EXIT_USAGE
+    except OnnxObcError as e:
+        if args.debug:
+            raise
+        _error(str(e), EXIT_ERROR)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted", EXIT_ERROR)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        _error("out of memory: use fewer --samples, a smaller --batch-size, or --include to do fewer layers at once", EXIT_ERROR)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: still no traceback unless --debug, but say how to get one
+        if args.debug:
+            raise
+        _error(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback and please report it)", EXIT_ERROR)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Per-op layout knowledge: how a Gemm / MatMul / Conv weight is a matrix rows x C, and how the node's input
+becomes the columns X that multiply it (im2col for Conv, exactly as the node computes it).
+
+Every adapter works on groups: Gemm and MatMul have one group, a Conv with ``group = g`` has g independent
+problems, each with its own Hessian (ALGORITHMS.md section 0).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class OpLayout:
+    """How one consumer node uses its weight. ``attrs`` holds the node attributes that matter."""
+
+    op: str
+    attrs: dict = field(default_factory=dict, hash=False, compare=False)
+
+    # ---- weight <-> matrices -------------------------------------------------------------------------
+    def groups(self, weight_shape: tuple[int, ...]) -> int:
+        return int(self.attrs.get("group", 1)) if self.op == "Conv" else 1
+
+    def matrix_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(groups, rows per group, C) of the weight seen as matrices."""
+        if self.op == "Gemm":
+            k, n = (weight_shape[1], weight_shape[0]) if self.attrs.get("transB", 0) else weight_shape
+            return 1, int(n), int(k)
+        if self.op == "MatMul":
+            k, n = weight_shape
+            return 1, int(n), int(k)
+        if self.op == "Conv":
+            g = self.groups(weight_shape)
+            cout = weight_shape[0]
+            return g, int(cout // g), int(np.prod(weight_shape[1:]))
+        raise ValueError(self.op)
+
+    def to_matrices(self, w: np.ndarray) -> np.ndarray:
+        """Weight tensor -> array (groups, rows, C); rows are output channels, C the fan-in
+        (for Conv: Cin/g outermost, then kernel positions, as the weight is stored)."""
+        if self.op == "Gemm":
+            m = w if self.attrs.get("transB", 0) else w.T
+            return np.ascontiguousarray(m)[None]
+        if self.op == "MatMul":
+            return np.ascontiguousarray(w.T)[None]
+        g, r, c = self.matrix_shape(w.shape)
+        return np.ascontiguousarray(w.reshape(g, r, c))
+
+    def from_matrices(self, mats: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """Inverse of :meth:`to_matrices`."""
+        if self.op == "Gemm":
+            m = mats[0]
+            return np.ascontiguousarray(m if self.attrs.get("transB", 0) else m.T)
+        if self.op == "MatMul":
+            return np.ascontiguousarray(mats[0].T)
+        return np.ascontiguousarray(mats.reshape(weight_shape))
+
+    def channels_last_perm(self, weight_shape: tuple[int, ...]) -> np.ndarray | None:
+        """Column permutation putting input channels innermost (kernel taps outermost) for N:M and block
+        patterns, as sparse tensor-core kernels expect; None when C is already channel-ordered."""
+        if self.op != "Conv" or len(weight_shape) <= 2:
+            return None
+        cin_g = weight_shape[1]
+        ksize = int(np.prod(weight_shape[2:]))
+        if ksize == 1:
+            return None
+        # column index in stored order is ci * ksize + t; channels-last order is t * cin_g + ci.
+        idx = np.arange(cin_g * ksize).reshape(cin_g, ksize)
+        return idx.T.reshape(-1)
+
+    # ---- inputs -> columns ---------------------------------------------------------------------------
+    def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """The node's input (one batch) -> columns, shape (groups, C, n_columns), float64."""
+        if self.op == "Gemm":
+            a = x.T if self.attrs.get("transA", 0) else x
+            return np.asarray(a, dtype=np.float64).T[None]
+        if self.op == "MatMul":
+            k = weight_shape[0]
+            if x.ndim == 1:
+                x = x[None]
+            return np.asarray(x, dtype=np.float64).reshape(-1, k).T[None]
+        return self._im2col(x, weight_shape)
+
+    def conv_geometry(self, spatial_in: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(pads_begin, pads_end, strides, dilations) with auto_pad resolved for these input sizes."""
+        nd = len(kernel)
+        strides = list(self.attrs.get("strides") or [1] * nd)
+        dil = list(self.attrs.get("dilations") or [1] * nd)
+        auto_pad = self.attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for i in range(nd):
+                out = -(-spatial_in[i] // strides[i])
+                total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial_in[i], 0)
+                small, big = total // 2, total - total // 2
+                b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+                begin.append(b)
+                end.append(e)
+        elif auto_pad == "VALID":
+            begin, end = [0] * nd, [0] * nd
+        else:
+            pads = list(self.attrs.get("pads") or [0] * (2 * nd))
+            begin, end = pads[:nd], pads[nd:]
+        return begin, end, strides, dil
+
+    def _im2col(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        g = self.groups(weight_shape)
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        nd = len(kernel)
+        if x.ndim != nd + 2:
+            raise CalibrationError(f"Conv input has rank {x.ndim}, expected {nd + 2} for a {nd}-D kernel")
+        b, cin = x.shape[:2]
+        spatial = x.shape[2:]
+        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
+        xp = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (0, 0)] + list(zip(begin, end)))
+        out = [
+            (spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)
+        ]
+        if min(out) <= 0:
+            raise CalibrationError(f"Conv output would be empty for input spatial size {spatial}")
+        ksize = math.prod(kernel)
+        cols = np.empty((b, cin, ksize) + tuple(out), dtype=np.float64)
+        for t, offs in enumerate(itertools.product(*[range(k) for k in kernel])):
+            sl = tuple(
+                slice(offs[i] * dil[i], offs[i] * dil[i] + (out[i] - 1) * strides[i] + 1, strides[i]) for i in range(nd)
+            )
+            cols[:, :, t] = xp[(slice(None), slice(None)) + sl]
+        # (b, g, cin/g * ksize, L) -> (g, C, b * L): Cin outermost then kernel taps, like the weight
+        cols = cols.reshape(b, g, (cin // g) * ksize, -1)
+        return cols.transpose(1, 2, 0, 3).reshape(g, (cin // g) * ksize, -1)
+
+    def positions_per_sample(self, x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+        """How many columns one sample contributes (spatial outputs for Conv, tokens for MatMul)."""
+        if self.op == "Gemm":
+            return 1
+        if self.op == "MatMul":
+            return int(np.prod(x_shape[1:-1])) if len(x_shape) > 2 else 1
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        spatial = x_shape[2:]
+        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
+        return int(
+            np.prod(
+                [(spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(len(kernel))]
+            )
+        )

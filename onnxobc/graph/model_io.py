@@ -1,0 +1,99 @@
+"""Loading and saving ONNX models: external data, atomic writes, the 2 GB protobuf limit."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import UnsupportedModel, UsageError
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin for the graph itself.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model (with its external data) and check that it is a well-formed ONNX graph."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"model file not found: {p}")
+    if p.is_dir():
+        raise UsageError(f"{p} is a directory: give the path of an .onnx file")
+    try:
+        model = onnx.load_model(str(p), load_external_data=True)
+    except Exception as e:  # protobuf DecodeError, missing external data file, ...
+        raise UnsupportedModel(
+            f"cannot read {p} as an ONNX model ({type(e).__name__}: {e}); check that the file is a complete "
+            "ONNX model and that its external data files sit next to it"
+        ) from e
+    if not model.HasField("graph") or not model.graph.node:
+        raise UnsupportedModel(f"{p} holds no ONNX graph (no nodes): is it really an .onnx model file?")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise UnsupportedModel(f"{p} is not a valid ONNX model: {first}") from e
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's initializers and Constant tensors (in memory, before saving)."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) or init.ByteSize()
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                total += len(a.t.raw_data) or a.t.ByteSize()
+    return total
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
+    """Refuse to write over the input model (ever) or over an existing file (unless ``force``)."""
+    out = Path(output)
+    for i in inputs:
+        if out.resolve() == Path(i).resolve():
+            raise UsageError(f"output {out} is the input model: choose another output path (the input is never modified)")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"output {out} is a directory: give a file path such as {out / 'model.obc.onnx'}")
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists: choose another path or pass --force to overwrite it")
+    if not out.parent.exists():
+        raise UsageError(f"output directory {out.parent} does not exist: create it first")
+    return out
+
+
+def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``output`` atomically (temp files in the same folder, then rename).
+
+    Models whose tensors exceed the protobuf limit are written with external data in ``<output>.data``
+    automatically (``external_data=None``); True/False forces the choice. Returns the files written.
+    """
+    out = Path(output)
+    if external_data is None:
+        external_data = tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxobc-", dir=out.parent))
+    written: list[Path] = []
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            # save_model converts the in-memory model to reference external data; restore it for the caller.
+            onnx.load_external_data_for_model(model, str(tmpdir))
+            os.replace(tmpdir / data_name, out.parent / data_name)
+            written.append(out.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+        written.insert(0, out)
+        log.info("wrote %s", ", ".join(map(str, written)))
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

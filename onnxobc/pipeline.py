@@ -1,0 +1,228 @@
+"""Compose graph -> calibrate -> engine -> export. Nothing else lives here."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .backend import get_xp, to_numpy
+from .calibrate import collect_hessians, count_samples, input_specs, iter_batches
+from .config import CompressConfig
+from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
+from .engine.metrics import error_terms
+from .errors import NumericalError, UsageError
+from .graph import (Layer, Skipped, check_output_path, find_layers, load_model, remove_unused, save_model_atomic,
+                    select_layers, write_back)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[Iterable, str, "int | None"], Iterable]
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer."""
+
+    name: str
+    op: str
+    shape: str
+    groups: int
+    params: int
+    macs: int | None
+    method: str
+    sparsity: float  # fraction of zero weights after compression
+    bits: int | None
+    error: float  # ||W X - W' X||^2 / ||W X||^2 on the calibration data
+    seconds: float
+    note: str = ""
+    written: str = ""
+
+
+@dataclass
+class CompressResult:
+    input: str
+    output: str | None
+    config: dict
+    layers: list[LayerReport]
+    skipped: list[dict]
+    not_selected: list[str]
+    samples: int
+    seconds: dict
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _file_size(path: str | os.PathLike) -> int:
+    p = Path(path)
+    size = p.stat().st_size
+    data = p.parent / (p.name + ".data")
+    if data.exists():
+        size += data.stat().st_size
+    return size
+
+
+def _identity_progress(it: Iterable, desc: str, total: int | None) -> Iterable:
+    return it
+
+
+def _compress_group(w: np.ndarray, H: np.ndarray, cfg: CompressConfig, perm: np.ndarray | None, name: str) -> tuple[np.ndarray, str]:
+    """One weight matrix (rows x C) of one group -> compressed matrix and a note."""
+    note = ""
+    patterned = cfg.nm is not None or cfg.block_size is not None
+    if patterned and perm is not None:
+        w = w[:, perm]
+        H = H[np.ix_(perm, perm)]
+    if cfg.method in ("magnitude", "rtn"):
+        out = w
+        mask = None
+        if cfg.nm is not None:
+            out = magnitude_prune_nm(out, *cfg.nm)
+            mask = out != 0
+        elif cfg.sparsity is not None:
+            out = magnitude_prune(out, cfg.sparsity)
+            mask = out != 0
+        if cfg.bits is not None:
+            out, _ = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
+    else:
+        from .engine import compress_weight  # the exact engine
+
+        xp = get_xp(cfg.device)
+        res = compress_weight(
+            xp.asarray(w), xp.asarray(H), sparsity=cfg.sparsity, nm=cfg.nm, block_size=cfg.block_size,
+            bits=cfg.bits, sym=cfg.sym, grid_method=cfg.grid, damp=cfg.damp, name=name, dtype=cfg.dtype,
+        )
+        out = to_numpy(res.weight).astype(w.dtype)
+        if res.info.get("damp") and res.info["damp"] > cfg.damp:
+            note = f"damp raised to {res.info['damp']:g}"
+    if patterned and perm is not None:
+        inv = np.argsort(perm)
+        out = out[:, inv]
+    return np.ascontiguousarray(out), note
+
+
+def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, float, str]:
+    """Compress every group of ``layer`` given its Hessians (groups x C x C); returns the new weight as the
+    consumers see it, the relative layer error and a note."""
+    mats = layer.layout.to_matrices(layer.weight).astype(np.float32)
+    m = cfg.nm[1] if cfg.nm else cfg.block_size
+    if m and layer.cols % m:
+        what = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else f"block {cfg.block_size}"
+        if cfg.bits is None:
+            return layer.weight.copy(), 0.0, f"left dense: C={layer.cols} is not a multiple of {m} ({what})"
+        # quantize only
+        sub = CompressConfig(method=cfg.method if cfg.method != "magnitude" else "rtn", bits=cfg.bits, sym=cfg.sym,
+                             grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype)
+        w_new, err, note = compress_layer(layer, H, sub)
+        return w_new, err, f"not pruned: C={layer.cols} is not a multiple of {m} ({what}); {note}".rstrip("; ")
+    if cfg.method in ("magnitude",) and cfg.sparsity is not None and cfg.nm is None and layer.groups > 1:
+        # per-layer magnitude pruning: one threshold over all groups
+        pruned = magnitude_prune(mats.reshape(layer.groups * layer.rows, layer.cols), cfg.sparsity)
+        mats_in = pruned.reshape(mats.shape)
+        cfg_q = None if cfg.bits is None else CompressConfig(method="rtn", bits=cfg.bits, sym=cfg.sym, grid=cfg.grid)
+        new = np.stack([
+            mats_in[g] if cfg_q is None else rtn_quantize(mats_in[g], cfg.bits, sym=cfg.sym, grid_method=cfg.grid,
+                                                            mask=mats_in[g] != 0)[0]
+            for g in range(layer.groups)
+        ])
+        notes = []
+    else:
+        perm = layer.layout.channels_last_perm(layer.weight.shape)
+        outs, notes = [], []
+        for g in range(layer.groups):
+            gname = layer.name if layer.groups == 1 else f"{layer.name}[group {g}]"
+            o, n = _compress_group(mats[g], H[g], cfg, perm, gname)
+            outs.append(o)
+            if n:
+                notes.append(n)
+        new = np.stack(outs)
+    num = den = 0.0
+    for g in range(layer.groups):
+        a, b = error_terms(mats[g], new[g], H[g])
+        num += a
+        den += b
+    err = num / den if den > 0 else 0.0
+    w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
+    return w_new, float(err), "; ".join(sorted(set(notes)))
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None, calib: Any,
+             config: CompressConfig, *, force: bool = False, progress: Progress | None = None) -> CompressResult:
+    """Compress ``model`` with ``config`` using calibration data ``calib`` (.npz path, directory of .npz,
+    or an iterable of {input_name: array} feeds) and write the result to ``output`` (None: don't save;
+    the compressed ModelProto is in ``result.extra['model']``). The input model is never modified."""
+    progress = progress or _identity_progress
+    t0 = time.perf_counter()
+    in_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+    out_path = None
+    if output is not None:
+        out_path = check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [], force)
+    if isinstance(model, onnx.ModelProto):
+        src = model
+    else:
+        src = load_model(model)
+    layers, skipped = find_layers(src)
+    selected = select_layers(layers, config.include, config.exclude)
+    if not layers:
+        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv layer with a constant weight "
+                         f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
+    if not selected:
+        raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
+    if config.device == "cuda":
+        get_xp("cuda")  # fail early and clearly when there is no GPU
+    specs = input_specs(src)
+    total = count_samples(calib, specs, config.samples) if isinstance(calib, (str, os.PathLike)) else None
+    batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
+    t_cal = time.perf_counter()
+    stats = collect_hessians(src, selected, batches, progress=progress, total=None if total is None else -(-total // config.batch_size))
+    t_cal = time.perf_counter() - t_cal
+    samples = next(iter(stats.values())).samples
+
+    out_model = copy.deepcopy(src)
+    reports: list[LayerReport] = []
+    dead: set[str] = set()
+    t_eng = time.perf_counter()
+    for layer in progress(selected, "compressing", len(selected)):
+        st = stats[layer.name]
+        t = time.perf_counter()
+        try:
+            w_new, err, note = compress_layer(layer, st.hessian(), config)
+        except NumericalError:
+            raise
+        written = write_back(out_model, layer, w_new, dead)
+        macs = layer.static_macs()
+        if macs is None:
+            macs = int(round(st.positions_per_sample * layer.params))
+        reports.append(LayerReport(
+            name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
+            method=config.describe() if not note.startswith("left dense") else "dense",
+            sparsity=float(np.mean(w_new == 0)), bits=config.bits if not note.startswith("left dense") else None,
+            error=err, seconds=time.perf_counter() - t, note=note, written=written,
+        ))
+    remove_unused(out_model, dead)
+    t_eng = time.perf_counter() - t_eng
+    result = CompressResult(
+        input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,
+        skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if l not in selected],
+        samples=samples, seconds={"calibration": t_cal, "compression": t_eng},
+        input_bytes=_file_size(model) if not isinstance(model, onnx.ModelProto) else src.ByteSize(),
+    )
+    if out_path is not None:
+        save_model_atomic(out_model, out_path)
+        result.output_bytes = _file_size(out_path)
+    result.seconds["total"] = time.perf_counter() - t0
+    result.extra["model"] = out_model
+    return result
