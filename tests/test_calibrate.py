@@ -247,3 +247,14 @@ def test_unbatched_inputs_are_passed_whole():
             assert batches[0][s.name].shape[0] == 4
         else:
             assert batches[0][s.name].shape == feed[s.name].shape
+
+
+def test_unfold_in_slices_gives_same_hessian(monkeypatch):
+    import onnxobc.calibrate.hessian as hz
+
+    model = graphs.conv2d_grouped()
+    feed = graphs.make_feed(model, 6, seed=7)
+    full = _hessians(model, feed, batch_size=6)[1]["conv"].hessian()
+    monkeypatch.setattr(hz, "_UNFOLD_BYTES", 1)  # one sample at a time
+    sliced = _hessians(model, feed, batch_size=6)[1]["conv"].hessian()
+    np.testing.assert_allclose(full, sliced, rtol=1e-12)

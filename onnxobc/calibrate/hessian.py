@@ -23,6 +23,9 @@ from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
 log = logging.getLogger(__name__)
 
+# Upper bound on the float64 columns unfolded at once for one layer (im2col of big feature maps).
+_UNFOLD_BYTES = 256 << 20
+
 
 @dataclass
 class LayerStats:
@@ -109,13 +112,17 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                 x = np.asarray(values[c.input_name])
                 if layer.op == "MatMul" and x.shape[-1] != layer.weight.shape[0]:
                     raise CalibrationError(f"{c.node_name}: input has last dim {x.shape[-1]}, weight expects {layer.weight.shape[0]}")
-                cols = c.layout.unfold(x, layer.weight.shape)
-                if cols.shape[1] != layer.cols:
-                    raise CalibrationError(
-                        f"{c.node_name}: unfolded input has {cols.shape[1]} rows, the weight has fan-in {layer.cols}"
-                    )
-                st.xtx += np.matmul(cols, cols.transpose(0, 2, 1))
-                st.columns += cols.shape[2]
+                # unfold a slice of samples at a time so im2col of large feature maps stays within a budget
+                per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
+                step = max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.op != "Gemm" else max(len(x), 1)
+                for s in range(0, max(len(x), 1), step):
+                    cols = c.layout.unfold(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape)
+                    if cols.shape[1] != layer.cols:
+                        raise CalibrationError(
+                            f"{c.node_name}: unfolded input has {cols.shape[1]} rows, the weight has fan-in {layer.cols}"
+                        )
+                    st.xtx += np.matmul(cols, cols.transpose(0, 2, 1))
+                    st.columns += cols.shape[2]
             st.samples += n
         nb += 1
     if nb == 0:
