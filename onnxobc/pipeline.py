@@ -20,8 +20,8 @@ from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
 from .errors import NumericalError, UsageError
-from .graph import (Layer, Skipped, check_output_path, find_layers, load_model, remove_unused, save_model_atomic,
-                    select_layers, write_back)
+from .export import remove_unused, save_model_atomic, write_back
+from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 
 log = logging.getLogger(__name__)
 

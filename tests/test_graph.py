@@ -8,7 +8,8 @@ import pytest
 
 import graphs
 from onnxobc import CompressConfig, compress
-from onnxobc.graph import find_layers, load_model, save_model_atomic
+from onnxobc.export import save_model_atomic
+from onnxobc.graph import find_layers, load_model
 
 # Policy differences from the fixture's neutral EXPECTED (documented in the README):
 # a weight also read as plain data by another node is skipped, not compressed.

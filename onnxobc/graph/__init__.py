@@ -1,9 +1,7 @@
-"""ONNX in, no math: load/save models, find compressible layers, per-op adapters, write weights back."""
+"""ONNX in, no math: load models, find compressible layers, per-op adapters."""
 from .adapters import OpLayout
-from .layers import Consumer, Layer, Skipped, find_layers, remove_unused, select_layers, tensor_types, write_back
-from .model_io import check_output_path, load_model, save_model_atomic
+from .layers import Consumer, GraphIndex, Layer, Skipped, find_layers, select_layers, tensor_types
+from .model_io import check_output_path, load_model
 
-__all__ = [
-    "OpLayout", "Consumer", "Layer", "Skipped", "find_layers", "remove_unused", "select_layers", "tensor_types",
-    "write_back", "check_output_path", "load_model", "save_model_atomic",
-]
+__all__ = ["OpLayout", "Consumer", "GraphIndex", "Layer", "Skipped", "find_layers", "select_layers", "tensor_types",
+           "check_output_path", "load_model"]
