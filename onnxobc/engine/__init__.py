@@ -1,0 +1,26 @@
+"""The numerical engine: exact greedy pruning and quantization of one layer (ALGORITHMS.md sec. 0-4).
+
+Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no printing. The pipeline calls:
+
+- :func:`prepare_hessian` - dead inputs, damping with escalation, inverse (sec. 0);
+- :func:`prune_unstructured` - ExactOBS with a global mask (sec. 1);
+- :func:`prune_nm`, :func:`prune_blocks` - N:M and block sparsity (sec. 2);
+- :func:`quantize_obq` - OBQ, optionally of the survivors of a mask (sec. 3);
+- :func:`compress_weight` - one entry point for all of the above and their compound;
+
+each returning an :class:`EngineResult`.
+"""
+from .hessian import prepare_hessian
+from .obq import quantize_obq
+from .obs import compress_weight, prune_blocks, prune_nm, prune_unstructured
+from .result import EngineResult
+
+__all__ = [
+    "EngineResult",
+    "compress_weight",
+    "prepare_hessian",
+    "prune_blocks",
+    "prune_nm",
+    "prune_unstructured",
+    "quantize_obq",
+]

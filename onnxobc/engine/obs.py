@@ -1,0 +1,314 @@
+"""Exact greedy pruning with Optimal Brain Surgeon updates (ALGORITHMS.md sec. 1-2) and the engine's single
+entry point :func:`compress_weight`.
+
+All routines are pure: arrays in (NumPy or CuPy, inferred from the inputs), an :class:`EngineResult` out.
+The greedy loops themselves live in :mod:`onnxobc.engine._greedy` (delayed updates, sec. 4).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backend import xp_of
+from ..errors import NumericalError
+from . import _greedy as G
+from ._blas import blas_threads
+from .hessian import Prepared, prepare, reconstruct
+from .result import EngineResult
+
+__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "compress_weight"]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return s
+
+
+def _check_layer(w: Any, H: Any, name: str) -> tuple[int, int]:
+    if getattr(w, "ndim", 0) != 2:
+        raise ValueError(f"{name}: weight must be a 2-D rows x C array, got shape {getattr(w, 'shape', None)}")
+    rows, c = w.shape
+    if tuple(H.shape) != (c, c):
+        raise ValueError(f"{name}: Hessian must be {c} x {c} for a weight of shape {tuple(w.shape)}, "
+                         f"got {tuple(H.shape)}")
+    return rows, c
+
+
+def _global_counts(xp: Any, losses: Any, k: int) -> Any:
+    """Sec. 1: how many of each row's steps are among the k smallest (row, step) losses of the layer
+    (ties broken by position, so the count is exact and deterministic)."""
+    rows, steps = losses.shape
+    sel = xp.argsort(losses.ravel(), kind="stable")[:k]
+    return xp.bincount(sel // steps, minlength=rows)
+
+
+def _info(prep: Prepared, **more: Any) -> dict:
+    info = {"damp": prep.damp, "dead": int(prep.dead.sum())}
+    info.update(more)
+    return info
+
+
+def _finish(xp: Any, w_in: Any, w_new: Any, name: str) -> Any:
+    out = w_new.astype(w_in.dtype, copy=False)
+    if not bool(xp.all(xp.isfinite(out))):
+        raise NumericalError(f"{name}: the compressed weights are not finite; raise --damp or use dtype='float64'")
+    return out
+
+
+def _row_batches(rows: int, R: int):
+    for r0 in range(0, rows, R):
+        yield slice(r0, min(rows, r0 + R))
+
+
+# ------------------------------------------------------------------------------------------------ traces
+def trace_unstructured(prep: Prepared, work: np.dtype) -> tuple[Any, Any]:
+    """ExactOBS trace of every row (sec. 1): the global column removed at each step and its loss.
+
+    Returns ``(order, losses)``, both rows x C (int64, float64). The trace runs to the end because greedy
+    losses are not monotone in the step, so no depth bound is sound in general; compaction (sec. 4) makes
+    the second half of a trace cost 1/8 of the first.
+    """
+    xp = xp_of(prep.Hinv)
+    rows, c = prep.w.shape
+    R = G.rows_per_batch(xp, c, work, rows)
+    hinv = prep.Hinv.astype(work)
+    order = xp.empty((rows, c), dtype=xp.int64)
+    losses = xp.empty((rows, c), dtype=xp.float64)
+
+    def batch(rr: slice, ws: G.Workspace) -> None:
+        n = rr.stop - rr.start
+        tr = G.Trace(ws, prep.w[rr], xp.broadcast_to(xp.arange(c), (n, c)), hinv)
+        for t in range(c):
+            q = xp.argmin(tr.scores(), axis=1)
+            order[rr, t] = tr.cols[tr.ar, q]
+            losses[rr, t] = tr.fix(q)  # e / sqrt(Hinv_qq); squared below
+        losses[rr] = 0.5 * losses[rr] ** 2
+
+    with blas_threads(1):
+        G.run_batches(xp, list(_row_batches(rows, R)), batch, ([(R, c)], G.nbuf_for(xp, c), work))
+    return order, losses
+
+
+def prune_unstructured(w: Any, H: Any, sparsity: float, *, damp: float = 0.01, name: str = "layer",
+                       dtype: str = "float32") -> EngineResult:
+    """ExactOBS with one global mask over the layer (sec. 1).
+
+    Each row is traced greedily (remove the weight of least loss w_q^2 / (2 Hinv_qq), compensate the rest);
+    the k = round(sparsity * numel) smallest losses over all (row, step) pairs decide how many steps c_r each
+    row keeps, and each row ends in the state reached after its first c_r steps. That state is the
+    least-squares optimum for the removed set, recomputed in float64 by :func:`hessian.reconstruct`
+    (one solve per row: cheaper than re-running c_r steps and far smaller than storing every state).
+    """
+    rows, c = _check_layer(w, H, name)
+    s = _check_sparsity(sparsity)
+    work = G.working_dtype(dtype)
+    xp = xp_of(w, H)
+    clock = G.Clock(xp)
+    prep = prepare(H, w, damp, name=name)
+    clock.lap("prepare")
+    k = int(round(s * rows * c))
+    if k == 0:
+        out = _finish(xp, w, prep.w, name)
+        return EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()), seconds=clock.laps))
+    order, losses = trace_unstructured(prep, work)
+    clock.lap("trace")
+    counts = _global_counts(xp, losses, k)
+    taken = xp.arange(c)[None, :] < counts[:, None]
+    pruned = xp.zeros((rows, c), dtype=bool)
+    pruned[xp.arange(rows)[:, None], order] = taken
+    w_new = reconstruct(prep, pruned)
+    loss = float(xp.sum(xp.where(taken, losses, 0.0)))
+    out = _finish(xp, w, w_new, name)
+    clock.lap("final")
+    return EngineResult(out, None, loss, _info(prep, steps=c, pruned=k, zeros=int((out == 0).sum()),
+                                               seconds=clock.laps))
+
+
+def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = "layer",
+             dtype: str = "float32") -> EngineResult:
+    """N:M semi-structured pruning (sec. 2): at most ``n`` non-zeros in every group of ``m`` consecutive columns.
+
+    The ExactOBS loop where a weight whose group already holds m - n zeros scores +inf, for C (m - n) / m
+    steps per row; every group then holds exactly m - n pruned weights. No global selection: the final
+    weights are the greedy state itself. The caller orders the columns so that groups are consecutive.
+    """
+    rows, c = _check_layer(w, H, name)
+    n, m = int(n), int(m)
+    if not (m >= 2 and 1 <= n < m):
+        raise ValueError(f"{name}: N:M needs 1 <= N < M, got {n}:{m}")
+    if c % m:
+        raise ValueError(f"{name}: C={c} is not a multiple of M={m}; N:M pruning needs whole groups")
+    work = G.working_dtype(dtype)
+    xp = xp_of(w, H)
+    clock = G.Clock(xp)
+    prep = prepare(H, w, damp, name=name)
+    clock.lap("prepare")
+    steps = c * (m - n) // m
+    R = G.rows_per_batch(xp, c, work, rows)
+    hinv = prep.Hinv.astype(work)
+    out = xp.empty((rows, c), dtype=work)
+    blocked = 4.0 * G.cap(work)  # free but not selectable: its group already holds m - n zeros
+    batches = list(_row_batches(rows, R))
+    totals = [0.0] * len(batches)
+
+    def batch(ib: int, ws: G.Workspace) -> None:
+        rr = batches[ib]
+        nr = rr.stop - rr.start
+        cols = xp.broadcast_to(xp.arange(c), (nr, c))
+        tr = G.Trace(ws, prep.w[rr], cols, hinv)
+        tr.aux["grp"] = cols // m
+        zeros = xp.zeros((nr, c // m), dtype=xp.int64)
+        errs = xp.empty((nr, steps), dtype=xp.float64)
+        for t in range(steps):
+            q = xp.argmin(tr.scores(), axis=1)
+            g = tr.aux["grp"][tr.ar, q]
+            errs[:, t] = tr.fix(q)
+            zeros[tr.ar, g] += 1
+            full = zeros[tr.ar, g] >= (m - n)
+            hit = (tr.aux["grp"] == g[:, None]) & full[:, None]
+            tr.pen += xp.where(hit, blocked, 0.0).astype(work)  # a group fills once; fixed stay +inf
+        out[rr] = tr.scatter(c)
+        totals[ib] = 0.5 * float(xp.sum(errs ** 2))
+
+    with blas_threads(1):
+        G.run_batches(xp, list(range(len(batches))), batch, ([(R, c)], G.nbuf_for(xp, c), work))
+    total = sum(totals)
+    res = _finish(xp, w, out, name)
+    clock.lap("trace")
+    return EngineResult(res, None, total, _info(prep, steps=steps, pattern=f"{n}:{m}", zeros=int((res == 0).sum()),
+                                                seconds=clock.laps))
+
+
+def trace_blocks(prep: Prepared, bs: int, work: np.dtype) -> tuple[Any, Any]:
+    """Block OBS trace of every row (sec. 2): the global block removed at each step and its loss.
+
+    Scores of all blocks need the bs x bs diagonal blocks of the current inverse Hessian; they are updated
+    with every rank-bs downdate and recomputed from the base after each flush. Removed blocks are held at
+    the identity so the batched small solves stay well defined.
+    """
+    xp = xp_of(prep.Hinv)
+    rows, c = prep.w.shape
+    nb = c // bs
+    nbuf = G.nbuf_for(xp, c, bs)
+    R = G.rows_per_batch(xp, c, work, rows)
+    hinv = prep.Hinv.astype(work)
+    order = xp.empty((rows, nb), dtype=xp.int64)
+    losses = xp.empty((rows, nb), dtype=xp.float64)
+    cap = G.cap(work)
+    eye = xp.eye(bs, dtype=work)
+
+    def batch(rr: slice, ws: G.Workspace) -> None:
+        n = rr.stop - rr.start
+        tr = G.Trace(ws, prep.w[rr], xp.broadcast_to(xp.arange(c), (n, c)), hinv)
+        D = tr.block_diag(bs)
+        for t in range(nb):
+            nbc = tr.K // bs
+            sc = G.block_quadratic(xp, D, tr.w.reshape(n, nbc, bs))
+            sc = xp.fmin(sc, cap) + tr.pen[:, ::bs]
+            j = xp.argmin(sc, axis=1)
+            order[rr, t] = tr.cols[tr.ar, j * bs] // bs
+            before = tr.flushes
+            losses[rr, t] = tr.fix_block(j, bs)
+            if tr.flushes != before:
+                D = tr.block_diag(bs)
+            else:
+                V = tr.U[:, tr.k - bs: tr.k, :].reshape(n, bs, nbc, bs)
+                D -= xp.einsum("rtni,rtnj->rnij", V, V)
+                D[tr.ar, j] = eye
+
+    with blas_threads(1):
+        G.run_batches(xp, list(_row_batches(rows, R)), batch, ([(R, c)], nbuf, work))
+    return order, losses
+
+
+def prune_blocks(w: Any, H: Any, block_size: int, sparsity: float, *, damp: float = 0.01, name: str = "layer",
+                 dtype: str = "float32") -> EngineResult:
+    """Block sparsity (sec. 2): zeros in blocks of ``block_size`` consecutive columns of a row.
+
+    Greedy block OBS per row (score 1/2 w_B^T (Hinv_BB)^-1 w_B), then the round(sparsity * rows * C / bs)
+    cheapest block steps of the layer are kept (global selection as in sec. 1) and each row's weights are
+    the optimum for its removed blocks.
+    """
+    rows, c = _check_layer(w, H, name)
+    bs = int(block_size)
+    if bs < 1:
+        raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
+    if c % bs:
+        raise ValueError(f"{name}: C={c} is not a multiple of block_size={bs}")
+    s = _check_sparsity(sparsity)
+    work = G.working_dtype(dtype)
+    xp = xp_of(w, H)
+    clock = G.Clock(xp)
+    prep = prepare(H, w, damp, name=name)
+    clock.lap("prepare")
+    nb = c // bs
+    k = int(round(s * rows * nb))
+    if k == 0:
+        out = _finish(xp, w, prep.w, name)
+        return EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()), seconds=clock.laps))
+    order, losses = trace_blocks(prep, bs, work)
+    clock.lap("trace")
+    counts = _global_counts(xp, losses, k)
+    taken = xp.arange(nb)[None, :] < counts[:, None]
+    pruned_b = xp.zeros((rows, nb), dtype=bool)
+    pruned_b[xp.arange(rows)[:, None], order] = taken
+    pruned = xp.repeat(pruned_b, bs, axis=1)
+    w_new = reconstruct(prep, pruned)
+    loss = float(xp.sum(xp.where(taken, losses, 0.0)))
+    out = _finish(xp, w, w_new, name)
+    clock.lap("final")
+    return EngineResult(out, None, loss, _info(prep, steps=nb, block_size=bs, pruned_blocks=k,
+                                               zeros=int((out == 0).sum()), seconds=clock.laps))
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                    block_size: int | None = None, bits: int | None = None, sym: bool = False,
+                    grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
+                    dtype: str = "float32") -> EngineResult:
+    """One layer, any supported combination (sec. 1-3).
+
+    Pruning: ``sparsity`` alone (unstructured, global mask), ``nm=(n, m)`` (N:M) or ``block_size`` with
+    ``sparsity`` (block sparsity); then, if ``bits`` is given, OBQ of the survivors with the zeros frozen
+    (compound compression, sec. 3). ``loss`` is the sum of both stages' greedy losses; ``info`` holds the
+    pruning stage's info under ``'prune'``. Invalid combinations raise ValueError.
+    """
+    from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
+
+    if nm is not None and sparsity is not None:
+        raise ValueError(f"{name}: nm=(n, m) and sparsity are exclusive (N:M fixes the sparsity at 1 - n/m)")
+    if nm is not None and block_size is not None:
+        raise ValueError(f"{name}: nm=(n, m) and block_size are exclusive")
+    if block_size is not None and sparsity is None:
+        raise ValueError(f"{name}: block_size needs a sparsity (the fraction of weights to zero in blocks)")
+    if nm is not None:
+        if len(tuple(nm)) != 2:
+            raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
+    if sparsity is None and nm is None and bits is None:
+        raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
+    kw = dict(damp=damp, name=name, dtype=dtype)
+    if nm is not None:
+        pr = prune_nm(w, H, nm[0], nm[1], **kw)
+    elif block_size is not None:
+        pr = prune_blocks(w, H, block_size, sparsity, **kw)
+    elif sparsity is not None:
+        pr = prune_unstructured(w, H, sparsity, **kw)
+    else:
+        pr = None
+    if bits is None:
+        return pr
+    if pr is None:
+        return quantize_obq(w, H, bits, sym=sym, grid_method=grid_method, damp=damp, name=name, dtype=dtype)
+    mask = pr.weight != 0
+    xp = xp_of(w, H)
+    if bool(xp.all(mask | (xp.diagonal(H) == 0)[None, :])):
+        mask = None  # nothing pruned but dead inputs (zero either way): the faster unmasked path
+    q = quantize_obq(pr.weight, H, bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
+                     name=name, dtype=dtype)
+    info = dict(q.info)
+    info["prune"] = pr.info
+    return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
