@@ -79,76 +79,64 @@ def _identity_progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     return it
 
 
-def _compress_group(w: np.ndarray, H: np.ndarray, cfg: CompressConfig, perm: np.ndarray | None, name: str) -> tuple[np.ndarray, str]:
-    """One weight matrix (rows x C) of one group -> compressed matrix and a note."""
-    note = ""
-    patterned = cfg.nm is not None or cfg.block_size is not None
-    if patterned and perm is not None:
-        w = w[:, perm]
-        H = H[np.ix_(perm, perm)]
-    if cfg.method in ("magnitude", "rtn"):
-        out = w
-        mask = None
-        if cfg.nm is not None:
-            out = magnitude_prune_nm(out, *cfg.nm)
-            mask = out != 0
-        elif cfg.sparsity is not None:
-            out = magnitude_prune(out, cfg.sparsity)
-            mask = out != 0
-        if cfg.bits is not None:
-            out, _ = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
-    else:
-        from .engine import compress_weight  # the exact engine
+def _baseline(mats: np.ndarray, cfg: CompressConfig) -> np.ndarray:
+    """Magnitude pruning (one threshold over the whole layer, all groups) and/or RTN of the survivors."""
+    g, r, c = mats.shape
+    out = mats.reshape(g * r, c)
+    mask = None
+    if cfg.nm is not None:
+        out = magnitude_prune_nm(out, *cfg.nm)
+        mask = out != 0
+    elif cfg.sparsity is not None:
+        out = magnitude_prune(out, cfg.sparsity)
+        mask = out != 0
+    if cfg.bits is not None:
+        out, _ = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
+    return out.reshape(g, r, c)
 
-        xp = get_xp(cfg.device)
-        res = compress_weight(
-            xp.asarray(w), xp.asarray(H), sparsity=cfg.sparsity, nm=cfg.nm, block_size=cfg.block_size,
-            bits=cfg.bits, sym=cfg.sym, grid_method=cfg.grid, damp=cfg.damp, name=name, dtype=cfg.dtype,
-        )
-        out = to_numpy(res.weight).astype(w.dtype)
-        if res.info.get("damp") and res.info["damp"] > cfg.damp:
-            note = f"damp raised to {res.info['damp']:g}"
-    if patterned and perm is not None:
-        inv = np.argsort(perm)
-        out = out[:, inv]
-    return np.ascontiguousarray(out), note
+
+def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> tuple[np.ndarray, str]:
+    """The OBC engine on every group (one global mask over the groups for unstructured/block sparsity)."""
+    from .engine import compress_groups
+
+    xp = get_xp(cfg.device)
+    res = compress_groups(
+        [xp.asarray(m) for m in mats], [xp.asarray(h) for h in H], sparsity=cfg.sparsity, nm=cfg.nm,
+        block_size=cfg.block_size, bits=cfg.bits, sym=cfg.sym, grid_method=cfg.grid, damp=cfg.damp, name=name,
+        dtype=cfg.dtype,
+    )
+    damps = [r.info.get("damp", cfg.damp) for r in res]
+    note = f"damp raised to {max(damps):g}" if max(damps) > cfg.damp else ""
+    return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), note
 
 
 def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, float, str]:
     """Compress every group of ``layer`` given its Hessians (groups x C x C); returns the new weight as the
-    consumers see it, the relative layer error and a note."""
+    consumers see it, the relative layer error ||WX - W'X||^2 / ||WX||^2 and a note."""
     mats = layer.layout.to_matrices(layer.weight).astype(np.float32)
     m = cfg.nm[1] if cfg.nm else cfg.block_size
+    note = ""
     if m and layer.cols % m:
         what = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else f"block {cfg.block_size}"
+        note = f"C={layer.cols} is not a multiple of {m} ({what})"
         if cfg.bits is None:
-            return layer.weight.copy(), 0.0, f"left dense: C={layer.cols} is not a multiple of {m} ({what})"
-        # quantize only
-        sub = CompressConfig(method=cfg.method if cfg.method != "magnitude" else "rtn", bits=cfg.bits, sym=cfg.sym,
+            return layer.weight.copy(), 0.0, f"left dense: {note}"
+        note = f"not pruned: {note}"
+        cfg = CompressConfig(method="rtn" if cfg.method == "magnitude" else cfg.method, bits=cfg.bits, sym=cfg.sym,
                              grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype)
-        w_new, err, note = compress_layer(layer, H, sub)
-        return w_new, err, f"not pruned: C={layer.cols} is not a multiple of {m} ({what}); {note}".rstrip("; ")
-    if cfg.method in ("magnitude",) and cfg.sparsity is not None and cfg.nm is None and layer.groups > 1:
-        # per-layer magnitude pruning: one threshold over all groups
-        pruned = magnitude_prune(mats.reshape(layer.groups * layer.rows, layer.cols), cfg.sparsity)
-        mats_in = pruned.reshape(mats.shape)
-        cfg_q = None if cfg.bits is None else CompressConfig(method="rtn", bits=cfg.bits, sym=cfg.sym, grid=cfg.grid)
-        new = np.stack([
-            mats_in[g] if cfg_q is None else rtn_quantize(mats_in[g], cfg.bits, sym=cfg.sym, grid_method=cfg.grid,
-                                                            mask=mats_in[g] != 0)[0]
-            for g in range(layer.groups)
-        ])
-        notes = []
+    # N:M and block patterns run along input channels at each kernel tap (channels-last), as sparse kernels expect
+    perm = layer.layout.channels_last_perm(layer.weight.shape) if (cfg.nm or cfg.block_size) else None
+    work, Hw = mats, H
+    if perm is not None:
+        work = mats[:, :, perm]
+        Hw = H[:, perm][:, :, perm]
+    if cfg.method == "exact":
+        new, extra = _exact(work, Hw, cfg, layer.name)
+        note = "; ".join(x for x in (note, extra) if x)
     else:
-        perm = layer.layout.channels_last_perm(layer.weight.shape)
-        outs, notes = [], []
-        for g in range(layer.groups):
-            gname = layer.name if layer.groups == 1 else f"{layer.name}[group {g}]"
-            o, n = _compress_group(mats[g], H[g], cfg, perm, gname)
-            outs.append(o)
-            if n:
-                notes.append(n)
-        new = np.stack(outs)
+        new = _baseline(work, cfg)
+    if perm is not None:
+        new = new[:, :, np.argsort(perm)]
     num = den = 0.0
     for g in range(layer.groups):
         a, b = error_terms(mats[g], new[g], H[g])
@@ -156,7 +144,7 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
         den += b
     err = num / den if den > 0 else 0.0
     w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
-    return w_new, float(err), "; ".join(sorted(set(notes)))
+    return w_new, float(err), note
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None, calib: Any,

@@ -460,3 +460,26 @@ def test_blas_thread_limit_is_restored(monkeypatch):
     with _blas.blas_threads(1):
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+
+
+# ------------------------------------------------------------------------------------- grouped layers
+def test_groups_select_one_global_mask():
+    """Groups sharing one Hessian are the same problem as the stacked matrix: identical result. Groups with
+    different Hessians get uneven per-group sparsity but the exact total."""
+    from onnxobc.engine import compress_groups
+
+    w, H = make_problem(6, 9, seed=11)
+    stacked = prune_unstructured(w, H, 0.5).weight
+    parts = compress_groups([w[:2], w[2:4], w[4:]], [H, H, H], sparsity=0.5)
+    np.testing.assert_array_equal(np.concatenate([p.weight for p in parts]), stacked)
+
+    ws, Hs = zip(*[make_problem(1, 8, seed=s, decay=0.2 + s) for s in range(8)])
+    parts = compress_groups(list(ws), list(Hs), sparsity=0.5)
+    zeros = [int((p.weight == 0).sum()) for p in parts]
+    assert sum(zeros) == 32 and len(set(zeros)) > 1
+    # same total (4 of 8 per group when forced): the global choice's summed greedy loss is never worse
+    forced = [prune_unstructured(w_, H_, 0.5) for w_, H_ in zip(ws, Hs)]
+    assert sum(p.loss for p in parts) <= sum(f.loss for f in forced) + 1e-12
+    q = compress_groups(list(ws), list(Hs), sparsity=0.5, bits=4)
+    for p, qq in zip(parts, q):
+        assert np.all((qq.weight == 0) | (p.weight != 0)) and np.all(qq.weight[p.weight == 0] == 0)

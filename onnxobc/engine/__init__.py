@@ -7,16 +7,18 @@ Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no p
 - :func:`prune_nm`, :func:`prune_blocks` - N:M and block sparsity (sec. 2);
 - :func:`quantize_obq` - OBQ, optionally of the survivors of a mask (sec. 3);
 - :func:`compress_weight` - one entry point for all of the above and their compound;
+- :func:`compress_groups` - the same for grouped layers, one global mask over all groups;
 
 each returning an :class:`EngineResult`.
 """
 from .hessian import prepare_hessian
 from .obq import quantize_obq
-from .obs import compress_weight, prune_blocks, prune_nm, prune_unstructured
+from .obs import compress_groups, compress_weight, prune_blocks, prune_nm, prune_unstructured
 from .result import EngineResult
 
 __all__ = [
     "EngineResult",
+    "compress_groups",
     "compress_weight",
     "prepare_hessian",
     "prune_blocks",

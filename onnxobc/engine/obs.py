@@ -17,7 +17,7 @@ from ._blas import blas_threads
 from .hessian import Prepared, prepare, reconstruct
 from .result import EngineResult
 
-__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "compress_weight"]
+__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "compress_weight", "compress_groups"]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -93,39 +93,71 @@ def trace_unstructured(prep: Prepared, work: np.dtype) -> tuple[Any, Any]:
     return order, losses
 
 
+def _global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: float, name: str,
+                  dtype: str) -> list[EngineResult]:
+    """Shared body of unstructured (``bs=None``) and block pruning over one or more groups with one global
+    selection (sec. 1): every row of every group is traced, the k = round(sparsity * units) cheapest
+    (row, step) losses of the whole layer decide each row's depth c_r, and each row ends in the state
+    reached after its first c_r steps: the least-squares optimum for the removed set, recomputed in float64
+    by :func:`hessian.reconstruct` (one solve per row: cheaper than re-running c_r steps and far smaller than
+    storing every state). Grouped convolutions therefore get one mask over all their groups."""
+    s = _check_sparsity(sparsity)
+    work = G.working_dtype(dtype)
+    xp = xp_of(ws[0], Hs[0])
+    names = [name if len(ws) == 1 else f"{name}[group {g}]" for g in range(len(ws))]
+    dims = [_check_layer(w, H, nm) for w, H, nm in zip(ws, Hs, names)]
+    for (rows, c), nm in zip(dims, names):
+        if bs is not None and c % bs:
+            raise ValueError(f"{nm}: C={c} is not a multiple of block_size={bs}")
+    clock = G.Clock(xp)
+    preps = [prepare(H, w, damp, name=nm) for w, H, nm in zip(ws, Hs, names)]
+    clock.lap("prepare")
+    units = [rows * (c if bs is None else c // bs) for rows, c in dims]
+    k = int(round(s * sum(units)))
+    if k == 0:
+        outs = []
+        for w, prep, nm in zip(ws, preps, names):
+            out = _finish(xp, w, prep.w, nm)
+            outs.append(EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()),
+                                                           seconds=clock.laps)))
+        return outs
+    traces = [trace_unstructured(p, work) if bs is None else trace_blocks(p, bs, work) for p in preps]
+    clock.lap("trace")
+    steps = {t[1].shape[1] for t in traces}
+    if len(steps) == 1:
+        counts_all = _global_counts(xp, xp.concatenate([t[1] for t in traces]), k)
+    else:  # groups of different sizes cannot happen for one ONNX node; pad losses with +inf to be general
+        width = max(steps)
+        padded = [xp.pad(t[1], ((0, 0), (0, width - t[1].shape[1])), constant_values=np.inf) for t in traces]
+        counts_all = _global_counts(xp, xp.concatenate(padded), k)
+    results = []
+    r0 = 0
+    for w, prep, (order, losses), (rows, c), nm in zip(ws, preps, traces, dims, names):
+        counts = counts_all[r0:r0 + rows]
+        r0 += rows
+        nsteps = losses.shape[1]
+        taken = xp.arange(nsteps)[None, :] < counts[:, None]
+        pruned_u = xp.zeros((rows, nsteps), dtype=bool)
+        pruned_u[xp.arange(rows)[:, None], order] = taken
+        pruned = pruned_u if bs is None else xp.repeat(pruned_u, bs, axis=1)
+        out = _finish(xp, w, reconstruct(prep, pruned), nm)
+        loss = float(xp.sum(xp.where(taken, losses, 0.0)))
+        extra = {"pruned": int(xp.sum(counts))} if bs is None else {"block_size": bs, "pruned_blocks": int(xp.sum(counts))}
+        results.append(EngineResult(out, None, loss, _info(prep, steps=nsteps, zeros=int((out == 0).sum()),
+                                                           seconds=clock.laps, **extra)))
+    clock.lap("final")
+    return results
+
+
 def prune_unstructured(w: Any, H: Any, sparsity: float, *, damp: float = 0.01, name: str = "layer",
                        dtype: str = "float32") -> EngineResult:
     """ExactOBS with one global mask over the layer (sec. 1).
 
     Each row is traced greedily (remove the weight of least loss w_q^2 / (2 Hinv_qq), compensate the rest);
     the k = round(sparsity * numel) smallest losses over all (row, step) pairs decide how many steps c_r each
-    row keeps, and each row ends in the state reached after its first c_r steps. That state is the
-    least-squares optimum for the removed set, recomputed in float64 by :func:`hessian.reconstruct`
-    (one solve per row: cheaper than re-running c_r steps and far smaller than storing every state).
+    row keeps (see :func:`_global_prune`).
     """
-    rows, c = _check_layer(w, H, name)
-    s = _check_sparsity(sparsity)
-    work = G.working_dtype(dtype)
-    xp = xp_of(w, H)
-    clock = G.Clock(xp)
-    prep = prepare(H, w, damp, name=name)
-    clock.lap("prepare")
-    k = int(round(s * rows * c))
-    if k == 0:
-        out = _finish(xp, w, prep.w, name)
-        return EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()), seconds=clock.laps))
-    order, losses = trace_unstructured(prep, work)
-    clock.lap("trace")
-    counts = _global_counts(xp, losses, k)
-    taken = xp.arange(c)[None, :] < counts[:, None]
-    pruned = xp.zeros((rows, c), dtype=bool)
-    pruned[xp.arange(rows)[:, None], order] = taken
-    w_new = reconstruct(prep, pruned)
-    loss = float(xp.sum(xp.where(taken, losses, 0.0)))
-    out = _finish(xp, w, w_new, name)
-    clock.lap("final")
-    return EngineResult(out, None, loss, _info(prep, steps=c, pruned=k, zeros=int((out == 0).sum()),
-                                               seconds=clock.laps))
+    return _global_prune([w], [H], sparsity, None, damp=damp, name=name, dtype=dtype)[0]
 
 
 def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = "layer",
@@ -233,43 +265,17 @@ def prune_blocks(w: Any, H: Any, block_size: int, sparsity: float, *, damp: floa
     cheapest block steps of the layer are kept (global selection as in sec. 1) and each row's weights are
     the optimum for its removed blocks.
     """
-    rows, c = _check_layer(w, H, name)
     bs = int(block_size)
     if bs < 1:
         raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
-    if c % bs:
-        raise ValueError(f"{name}: C={c} is not a multiple of block_size={bs}")
-    s = _check_sparsity(sparsity)
-    work = G.working_dtype(dtype)
-    xp = xp_of(w, H)
-    clock = G.Clock(xp)
-    prep = prepare(H, w, damp, name=name)
-    clock.lap("prepare")
-    nb = c // bs
-    k = int(round(s * rows * nb))
-    if k == 0:
-        out = _finish(xp, w, prep.w, name)
-        return EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()), seconds=clock.laps))
-    order, losses = trace_blocks(prep, bs, work)
-    clock.lap("trace")
-    counts = _global_counts(xp, losses, k)
-    taken = xp.arange(nb)[None, :] < counts[:, None]
-    pruned_b = xp.zeros((rows, nb), dtype=bool)
-    pruned_b[xp.arange(rows)[:, None], order] = taken
-    pruned = xp.repeat(pruned_b, bs, axis=1)
-    w_new = reconstruct(prep, pruned)
-    loss = float(xp.sum(xp.where(taken, losses, 0.0)))
-    out = _finish(xp, w, w_new, name)
-    clock.lap("final")
-    return EngineResult(out, None, loss, _info(prep, steps=nb, block_size=bs, pruned_blocks=k,
-                                               zeros=int((out == 0).sum()), seconds=clock.laps))
+    return _global_prune([w], [H], sparsity, bs, damp=damp, name=name, dtype=dtype)[0]
 
 
 # ----------------------------------------------------------------------------------------- entry point
 def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                     block_size: int | None = None, bits: int | None = None, sym: bool = False,
                     grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32") -> EngineResult:
+                    dtype: str = "float32", _validate_only: bool = False) -> EngineResult:
     """One layer, any supported combination (sec. 1-3).
 
     Pruning: ``sparsity`` alone (unstructured, global mask), ``nm=(n, m)`` (N:M) or ``block_size`` with
@@ -290,6 +296,8 @@ def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[
             raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
     if sparsity is None and nm is None and bits is None:
         raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
+    if _validate_only:
+        return None  # type: ignore[return-value]
     kw = dict(damp=damp, name=name, dtype=dtype)
     if nm is not None:
         pr = prune_nm(w, H, nm[0], nm[1], **kw)
@@ -312,3 +320,41 @@ def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[
     info = dict(q.info)
     info["prune"] = pr.info
     return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
+
+
+def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                    block_size: int | None = None, bits: int | None = None, sym: bool = False,
+                    grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
+                    dtype: str = "float32") -> list[EngineResult]:
+    """:func:`compress_weight` for a layer made of several groups (grouped / depthwise Conv), one
+    ``ws[g]`` (rows x C) and ``Hs[g]`` (C x C) per group.
+
+    Unstructured and block sparsity select globally over ALL groups (one mask for the layer, as for a
+    single matrix: a depthwise conv's 3x3 rows are not each forced to the same sparsity); N:M and
+    quantization are per row anyway and run group by group.
+    """
+    from .obq import quantize_obq  # noqa: PLC0415
+
+    g = len(ws)
+    names = [name if g == 1 else f"{name}[group {i}]" for i in range(g)]
+    if g == 1 or nm is not None or sparsity is None:
+        return [compress_weight(ws[i], Hs[i], sparsity=sparsity, nm=nm, block_size=block_size, bits=bits, sym=sym,
+                                grid_method=grid_method, damp=damp, name=names[i], dtype=dtype) for i in range(g)]
+    compress_weight(ws[0], Hs[0], sparsity=sparsity, block_size=block_size, bits=bits, sym=sym,
+                    grid_method=grid_method, damp=damp, name=name, dtype=dtype, _validate_only=True)
+    pruned = _global_prune(list(ws), list(Hs), sparsity, None if block_size is None else int(block_size), damp=damp,
+                           name=name, dtype=dtype)
+    if bits is None:
+        return pruned
+    out = []
+    xp = xp_of(ws[0], Hs[0])
+    for i, pr in enumerate(pruned):
+        mask = pr.weight != 0
+        if bool(xp.all(mask | (xp.diagonal(Hs[i]) == 0)[None, :])):
+            mask = None
+        q = quantize_obq(pr.weight, Hs[i], bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
+                         name=names[i], dtype=dtype)
+        info = dict(q.info)
+        info["prune"] = pr.info
+        out.append(EngineResult(q.weight, q.grid, pr.loss + q.loss, info))
+    return out
