@@ -19,7 +19,7 @@ from .calibrate import collect_hessians, count_samples, input_specs, iter_batche
 from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
-from .errors import NumericalError, UsageError
+from .errors import UsageError
 from .export import remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 
@@ -186,10 +186,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     for layer in progress(selected, "compressing", len(selected)):
         st = stats[layer.name]
         t = time.perf_counter()
-        try:
-            w_new, err, note = compress_layer(layer, st.hessian(), config)
-        except NumericalError:
-            raise
+        w_new, err, note = compress_layer(layer, st.hessian(), config)
         written = write_back(out_model, layer, w_new, dead)
         macs = layer.static_macs()
         if macs is None:

@@ -138,3 +138,16 @@ def test_console_script_no_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
     r = subprocess.run([sys.executable, "-m", "onnxobc", "compress", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--sparsity" in r.stdout and "--calib" in r.stdout
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(tiny, capsys):
+    from onnxobc.backend import cuda_available
+
+    if cuda_available():
+        pytest.skip("a CUDA device is present")
+    path, calib = tiny
+    out = path.with_name("o.onnx")
+    assert main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--sparsity", "0.5",
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert ("CuPy" in err or "CUDA" in err) and "Traceback" not in err and not out.exists()
