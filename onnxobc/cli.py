@@ -55,7 +55,7 @@ def _progress_factory(quiet: bool):
             return it
         from tqdm import tqdm
 
-        return tqdm(it, desc=desc, total=total, unit="batch" if desc.startswith("calib") else "layer",
+        return tqdm(it, desc=desc, total=total, unit="batch" if desc.startswith(("calib", "eval")) else "layer",
                     leave=False, file=sys.stderr, dynamic_ncols=True)
 
     return progress
@@ -115,7 +115,8 @@ def _config_from_args(args: argparse.Namespace):
     return CompressConfig(
         method=args.method, sparsity=args.sparsity, nm=args.nm, block_size=args.block_size, bits=args.bits,
         sym=args.sym, grid=args.grid, damp=args.damp, samples=args.samples, batch_size=args.batch_size,
-        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
+        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype, qdq=args.qdq,
+        opset=args.opset,
     )
 
 
@@ -166,6 +167,57 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- eval -----------------------------------------------------------------------------------------------
+
+def _fmt_metric(x: float | None, spec: str) -> str:
+    if x is None:
+        return "-"
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    return format(x, spec)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .evaluate import evaluate
+
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and json_path.exists() and not args.force:
+        raise UsageError(f"--json {json_path} already exists: choose another path or pass --force to overwrite it")
+    if json_path is not None and not json_path.parent.exists():
+        raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist: create it first")
+    res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
+                   batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
+                   progress=_progress_factory(args.quiet))
+    if not args.quiet:
+        print(f"{res.samples} samples in {res.batches} batches from {res.data}"
+              + (f"; labels '{res.labels}' on output '{res.label_output}'" if res.labels else ""))
+        rows = []
+        for o in res.outputs:
+            top5 = _fmt_metric(o.top5, ".2%") + (f" (top-{o.topk})" if o.topk is not None and o.topk < 5 else "")
+            rows.append([o.name, _fmt_metric(o.rel_l2, ".3e"), _fmt_metric(o.sqnr_db, ".2f"),
+                         _fmt_metric(o.cosine, ".6f"), _fmt_metric(o.top1, ".2%"), top5,
+                         _fmt_metric(o.acc_ref, ".2%"), _fmt_metric(o.acc_cand, ".2%")])
+        print(format_table(["output", "rel L2", "SQNR dB", "cosine", "top-1", "top-5", "acc ref", "acc cand"], rows,
+                           right={1, 2, 3, 4, 5, 6, 7}))
+        for s in res.skipped_outputs:
+            print(f"not compared: {s['name']} ({s['reason']})")
+        line = (f"size: reference {_fmt_bytes(res.reference_bytes)}, candidate {_fmt_bytes(res.candidate_bytes)} "
+                f"({res.candidate_bytes / max(res.reference_bytes, 1):.1%})")
+        if res.latency_ms:
+            lat = res.latency_ms
+            line += (f"; latency per batch of {lat['batch_samples']} (median of {lat['runs']}): reference "
+                     f"{lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms")
+        print(line)
+    if json_path is not None:
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(res.to_json())
+        os.replace(tmp, json_path)
+        if not args.quiet:
+            print(f"report: {json_path}")
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("model", help="path of the .onnx model")
     pi.add_argument("--json", action="store_true", help="print JSON instead of tables")
     pi.set_defaults(func=cmd_inspect)
+
+    pe = sub.add_parser(
+        "eval", parents=[common], help="compare a compressed model with its reference on data",
+        description="Run REFERENCE and CANDIDATE (same inputs and outputs) in ONNX Runtime on the CPU with the same "
+                    "session options on the same data, and report per output: relative L2 error ||c - r|| / ||r||, "
+                    "SQNR (dB), mean per-sample cosine similarity and, for class outputs ([N, K] floats), top-1 "
+                    "agreement (same argmax) and top-5 agreement (the candidate's top-1 class is among the "
+                    "reference's top-5, top-K when K < 5); with --labels, the accuracy of both models. Also the "
+                    "file sizes (external data included) and the median latency per batch.",
+        epilog="examples:\n"
+               "  onnxobc eval model.onnx model.obc.onnx --data test.npz\n"
+               "  onnxobc eval model.onnx model.obc.onnx --data test.npz --labels label --json eval.json\n"
+               "data: an .npz whose keys are the models' input names (axis 0 = samples), or a folder of them; "
+               "other arrays (labels) are ignored.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pe.add_argument("reference", help="the reference (dense) .onnx model")
+    pe.add_argument("candidate", help="the candidate (compressed) .onnx model")
+    pe.add_argument("--data", required=True, metavar="DATA", help=".npz file or directory of .npz files")
+    pe.add_argument("--labels", metavar="KEY", help="key of the label array (class indices, one per sample) in DATA")
+    pe.add_argument("--output", metavar="NAME", help="the class output the labels apply to (default: the first)")
+    pe.add_argument("--samples", type=int, metavar="N", help="use at most N samples (default: all)")
+    pe.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (default 32)")
+    pe.add_argument("--latency-runs", type=int, default=20, metavar="R",
+                    help="timed runs per model on the first batch, after a warm-up run (default 20; 0 skips timing)")
+    pe.add_argument("--json", metavar="FILE", help="also write the results as JSON (non-finite numbers as \"inf\")")
+    pe.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    pe.set_defaults(func=cmd_eval)
 
     pc = sub.add_parser(
         "compress", parents=[common], help="prune and/or quantize a model",
@@ -218,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="engine working precision")
+    x = pc.add_argument_group("output format")
+    x.add_argument("--qdq", action="store_true",
+                   help="store quantized weights as integer initializers + DequantizeLinear (per output channel; "
+                        "8-bit needs opset >= 13, 2..4-bit are stored as int4/uint4 and need opset 21)")
+    x.add_argument("--opset", type=int, metavar="N",
+                   help="convert the model to this opset first when --qdq needs a newer one (e.g. 21 for int4)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)

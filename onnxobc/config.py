@@ -48,6 +48,8 @@ class CompressConfig:
     exclude: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    qdq: bool = False
+    opset: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +87,10 @@ class CompressConfig:
                     re.compile(rx)
                 except re.error as e:
                     raise ValueError(f"{flag} {rx!r} is not a valid regular expression: {e}") from None
+        if self.qdq and self.bits is None:
+            raise ValueError("--qdq stores quantized weights: give --bits B")
+        if self.opset is not None and not 7 <= self.opset <= 23:
+            raise ValueError(f"--opset must be an ONNX opset between 7 and 23, got {self.opset}")
         if not self.prunes and self.bits is None:
             raise ValueError("nothing to do: give --sparsity S, --nm N:M, --block-size B --sparsity S and/or --bits B")
         if self.method == "magnitude" and not self.prunes:

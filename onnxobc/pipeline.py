@@ -20,7 +20,7 @@ from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
 from .errors import UsageError
-from .export import remove_unused, save_model_atomic, write_back
+from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _identity_progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     return it
 
 
-def _baseline(mats: np.ndarray, cfg: CompressConfig) -> np.ndarray:
+def _baseline(mats: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, LayerGrid | None]:
     """Magnitude pruning (one threshold over the whole layer, all groups) and/or RTN of the survivors."""
     g, r, c = mats.shape
     out = mats.reshape(g * r, c)
@@ -90,12 +90,14 @@ def _baseline(mats: np.ndarray, cfg: CompressConfig) -> np.ndarray:
     elif cfg.sparsity is not None:
         out = magnitude_prune(out, cfg.sparsity)
         mask = out != 0
+    grid = None
     if cfg.bits is not None:
-        out, _ = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
-    return out.reshape(g, r, c)
+        out, gr = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
+        grid = LayerGrid(np.asarray(gr.scale, np.float32), np.asarray(gr.zero_point), gr.bits, gr.sym)
+    return out.reshape(g, r, c), grid
 
 
-def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> tuple[np.ndarray, str]:
+def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> tuple[np.ndarray, LayerGrid | None, str]:
     """The OBC engine on every group (one global mask over the groups for unstructured/block sparsity)."""
     from .engine import compress_groups
 
@@ -107,12 +109,17 @@ def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> t
     )
     damps = [r.info.get("damp", cfg.damp) for r in res]
     note = f"damp raised to {max(damps):g}" if max(damps) > cfg.damp else ""
-    return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), note
+    grid = None
+    if all(r.grid is not None for r in res):
+        grid = LayerGrid(np.concatenate([to_numpy(r.grid.scale).astype(np.float32) for r in res]),
+                         np.concatenate([to_numpy(r.grid.zero_point) for r in res]), res[0].grid.bits, res[0].grid.sym)
+    return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), grid, note
 
 
-def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, float, str]:
+def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, float, str, LayerGrid | None]:
     """Compress every group of ``layer`` given its Hessians (groups x C x C); returns the new weight as the
-    consumers see it, the relative layer error ||WX - W'X||^2 / ||WX||^2 and a note."""
+    consumers see it, the relative layer error ||WX - W'X||^2 / ||WX||^2, a note, and the quantization grid
+    (one per output channel, None without --bits)."""
     mats = layer.layout.to_matrices(layer.weight).astype(np.float32)
     m = cfg.nm[1] if cfg.nm else cfg.block_size
     note = ""
@@ -120,7 +127,7 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
         what = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else f"block {cfg.block_size}"
         note = f"C={layer.cols} is not a multiple of {m} ({what})"
         if cfg.bits is None:
-            return layer.weight.copy(), 0.0, f"left dense: {note}"
+            return layer.weight.copy(), 0.0, f"left dense: {note}", None
         note = f"not pruned: {note}"
         cfg = CompressConfig(method="rtn" if cfg.method == "magnitude" else cfg.method, bits=cfg.bits, sym=cfg.sym,
                              grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype)
@@ -131,10 +138,10 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
         work = mats[:, :, perm]
         Hw = H[:, perm][:, :, perm]
     if cfg.method == "exact":
-        new, extra = _exact(work, Hw, cfg, layer.name)
+        new, grid, extra = _exact(work, Hw, cfg, layer.name)
         note = "; ".join(x for x in (note, extra) if x)
     else:
-        new = _baseline(work, cfg)
+        new, grid = _baseline(work, cfg)
     if perm is not None:
         new = new[:, :, np.argsort(perm)]
     num = den = 0.0
@@ -144,7 +151,7 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
         den += b
     err = num / den if den > 0 else 0.0
     w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
-    return w_new, float(err), note
+    return w_new, float(err), note, grid
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None, calib: Any,
@@ -160,8 +167,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         out_path = check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [], force)
     if isinstance(model, onnx.ModelProto):
         src = model
+        onnx.checker.check_model(src)
     else:
         src = load_model(model)
+    if config.qdq:
+        src = ensure_opset(src, config.bits, config.opset)  # a converted copy when the opset must rise
     layers, skipped = find_layers(src)
     selected = select_layers(layers, config.include, config.exclude)
     if not layers:
@@ -182,12 +192,17 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     out_model = copy.deepcopy(src)
     reports: list[LayerReport] = []
     dead: set[str] = set()
+    dq_nodes: list = []
     t_eng = time.perf_counter()
     for layer in progress(selected, "compressing", len(selected)):
         st = stats[layer.name]
         t = time.perf_counter()
-        w_new, err, note = compress_layer(layer, st.hessian(), config)
-        written = write_back(out_model, layer, w_new, dead)
+        w_new, err, note, grid = compress_layer(layer, st.hessian(), config)
+        if config.qdq and grid is not None:
+            dq_nodes.append(add_qdq_weight(out_model, layer, w_new, grid, dead))
+            written = f"QDQ {dq_nodes[-1].input[0]}"
+        else:
+            written = write_back(out_model, layer, w_new, dead)
         macs = layer.static_macs()
         if macs is None:
             macs = int(round(st.positions_per_sample * layer.params))
@@ -197,6 +212,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             sparsity=float(np.mean(w_new == 0)), bits=config.bits if not note.startswith("left dense") else None,
             error=err, seconds=time.perf_counter() - t, note=note, written=written,
         ))
+    insert_nodes(out_model, dq_nodes)
     remove_unused(out_model, dead)
     t_eng = time.perf_counter() - t_eng
     result = CompressResult(
