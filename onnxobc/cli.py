@@ -115,8 +115,9 @@ def _config_from_args(args: argparse.Namespace):
     return CompressConfig(
         method=args.method, sparsity=args.sparsity, nm=args.nm, block_size=args.block_size, bits=args.bits,
         sym=args.sym, grid=args.grid, damp=args.damp, samples=args.samples, batch_size=args.batch_size,
-        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype, qdq=args.qdq,
-        opset=args.opset,
+        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
+        qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
+        accuracy_level=args.accuracy_level, opset=args.opset,
     )
 
 
@@ -170,11 +171,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 # ---- eval -----------------------------------------------------------------------------------------------
 
 def _fmt_metric(x: float | None, spec: str) -> str:
-    if x is None:
-        return "-"
-    if x != x or x in (float("inf"), float("-inf")):
-        return str(x)
-    return format(x, spec)
+    return "-" if x is None else format(x, spec)  # inf / nan print as "inf" / "nan"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -242,12 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pe = sub.add_parser(
         "eval", parents=[common], help="compare a compressed model with its reference on data",
-        description="Run REFERENCE and CANDIDATE (same inputs and outputs) in ONNX Runtime on the CPU with the same "
-                    "session options on the same data, and report per output: relative L2 error ||c - r|| / ||r||, "
-                    "SQNR (dB), mean per-sample cosine similarity and, for class outputs ([N, K] floats), top-1 "
-                    "agreement (same argmax) and top-5 agreement (the candidate's top-1 class is among the "
-                    "reference's top-5, top-K when K < 5); with --labels, the accuracy of both models. Also the "
-                    "file sizes (external data included) and the median latency per batch.",
+        description="Run REFERENCE and CANDIDATE (same inputs and outputs) in ONNX Runtime (CPU, same session options)\n"
+                    "on the same data and report, per output (r: reference, c: candidate):\n"
+                    "  rel L2    ||c - r|| / ||r|| over all elements and samples\n"
+                    "  SQNR dB   10 log10(||r||^2 / ||c - r||^2) (inf when identical)\n"
+                    "  cosine    mean over samples of the cosine of r and c (each sample flattened)\n"
+                    "  top-1     class outputs ([N, K] floats): fraction of samples with the same argmax\n"
+                    "  top-5     class outputs: fraction of samples whose candidate top-1 class is among the\n"
+                    "            reference's top-5 classes (top-K when K < 5; ties count for the candidate)\n"
+                    "  acc       with --labels: accuracy (argmax == label) of each model\n"
+                    "and the file sizes (external data included) and median latency per batch of both models.",
         epilog="examples:\n"
                "  onnxobc eval model.onnx model.obc.onnx --data test.npz\n"
                "  onnxobc eval model.onnx model.obc.onnx --data test.npz --labels label --json eval.json\n"
@@ -299,9 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="engine working precision")
     x = pc.add_argument_group("output format")
-    x.add_argument("--qdq", action="store_true",
-                   help="store quantized weights as integer initializers + DequantizeLinear (per output channel; "
-                        "8-bit needs opset >= 13, 2..4-bit are stored as int4/uint4 and need opset 21)")
+    x.add_argument("--format", choices=["float", "qdq", "matmulnbits"], default="float",
+                   help="how quantized weights are stored: float (fake-quantized, default); qdq (integer "
+                        "initializers + per-channel DequantizeLinear; 8-bit needs opset >= 13, 2..4-bit are int4/uint4 "
+                        "and need opset 21); matmulnbits (MatMul weights as ONNX Runtime's com.microsoft MatMulNBits "
+                        "4-bit kernels; other layers stay float unless --qdq is given too)")
+    x.add_argument("--qdq", action="store_true", help="same as --format qdq; with --format matmulnbits, store the "
+                                                      "non-MatMul layers as qdq")
+    x.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="L",
+                   help="MatMulNBits accuracy_level: 0 computes in float (default), 4 lets ONNX Runtime quantize "
+                        "activations to int8 for speed")
     x.add_argument("--opset", type=int, metavar="N",
                    help="convert the model to this opset first when --qdq needs a newer one (e.g. 21 for int4)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")

@@ -49,6 +49,8 @@ class CompressConfig:
     device: str = "cpu"
     dtype: str = "float32"
     qdq: bool = False
+    matmulnbits: bool = False
+    accuracy_level: int = 0
     opset: int | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +91,10 @@ class CompressConfig:
                     raise ValueError(f"{flag} {rx!r} is not a valid regular expression: {e}") from None
         if self.qdq and self.bits is None:
             raise ValueError("--qdq stores quantized weights: give --bits B")
+        if self.matmulnbits and (self.bits is None or self.bits > 4):
+            raise ValueError("--format matmulnbits stores 4-bit MatMul weights: give --bits 2, 3 or 4")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.opset is not None and not 7 <= self.opset <= 23:
             raise ValueError(f"--opset must be an ONNX opset between 7 and 23, got {self.opset}")
         if not self.prunes and self.bits is None:

@@ -20,6 +20,8 @@ from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
 from .errors import UsageError
+from .export.matmulnbits import replace_with_matmulnbits
+from .export.matmulnbits import supports as mnb_supports
 from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 
@@ -198,7 +200,10 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         st = stats[layer.name]
         t = time.perf_counter()
         w_new, err, note, grid = compress_layer(layer, st.hessian(), config)
-        if config.qdq and grid is not None:
+        if config.matmulnbits and mnb_supports(layer, grid):
+            written = "MatMulNBits " + replace_with_matmulnbits(out_model, layer, w_new, grid, dead,
+                                                                accuracy_level=config.accuracy_level)
+        elif config.qdq and grid is not None:
             dq_nodes.append(add_qdq_weight(out_model, layer, w_new, grid, dead))
             written = f"QDQ {dq_nodes[-1].input[0]}"
         else:

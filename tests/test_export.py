@@ -127,3 +127,47 @@ def test_shipped_model_qdq_sizes(root, tmp_path):
         assert np.mean(logits.argmax(1) == x["label"][:1000]) > 0.88
     dense = model.stat().st_size
     assert dense / sizes[8] > 3.5 and dense / sizes[4] > 6.5
+
+
+# ---- MatMulNBits ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["matmul_2d", "matmul_3d", "matmul_4d", "bert_like", "shared_weight",
+                                  "weight_through_transpose"])
+@pytest.mark.parametrize("cfg", [dict(bits=4), dict(bits=3, sym=True), dict(bits=4, nm=(2, 4))],
+                         ids=["b4", "b3sym", "24b4"])
+def test_matmulnbits_equals_fake_quant(case, cfg):
+    model = graphs.BUILDERS[case]()
+    feed = graphs.make_feed(model, 5, seed=4)
+    fake = compress(model, None, [feed], CompressConfig(**cfg)).extra["model"]
+    res = compress(model, None, [feed], CompressConfig(matmulnbits=True, **cfg))
+    out = res.extra["model"]
+    onnx.checker.check_model(out)
+    mnb = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
+    mm_layers = [l for l in res.layers if l.op == "MatMul"]
+    assert mnb and len(mnb) == sum(len(n.output) for n in mnb) >= len(mm_layers)
+    assert all(n.domain == "com.microsoft" for n in mnb)
+    assert {n.name for n in mnb} <= {n.name for n in model.graph.node}  # names kept
+    assert not any(n.op_type == "MatMul" and n.name in {m.name for m in mnb} for n in out.graph.node)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        for x, y in zip(run(fake, feed, level), run(out, feed, level)):
+            assert np.linalg.norm(x - y) / np.linalg.norm(x) < 1e-5
+
+
+def test_matmulnbits_needs_low_bits():
+    with pytest.raises(ValueError, match="matmulnbits"):
+        CompressConfig(bits=8, matmulnbits=True)
+
+
+def test_matmulnbits_smaller_than_float(tmp_path):
+    from onnxobc.cli import main
+
+    model = graphs.bert_like()
+    p = tmp_path / "b.onnx"
+    onnx.save(model, str(p))
+    np.savez(tmp_path / "c.npz", **graphs.make_feed(model, 8))
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(p), "--calib", str(tmp_path / "c.npz"), "--bits", "4", "--format", "matmulnbits",
+                 "-o", str(out), "-q"]) == 0
+    weights = lambda m: sum(np.prod(t.dims) * (4 if t.data_type == TensorProto.FLOAT else 1)  # noqa: E731
+                            for t in m.graph.initializer if len(t.dims) >= 2 or t.data_type == TensorProto.UINT8)
+    assert weights(onnx.load(str(p))) / weights(onnx.load(str(out))) > 6

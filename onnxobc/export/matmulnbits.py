@@ -1,0 +1,83 @@
+"""MatMulNBits export: 4-bit MatMul weights as ONNX Runtime's com.microsoft MatMulNBits (fast int4 kernels).
+
+MatMulNBits stores B [K, N] transposed as N rows of K codes cut into blocks of ``block_size`` with one scale
+and zero point per (row, block); the kernel dequantizes (q - z) * scale like DequantizeLinear. The engine's
+grids are per output channel, so every block of a row carries the row's own scale and zero point: the
+stored weights are bit for bit the ones the engine chose.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph.layers import GraphIndex, Layer
+from .qdq import LayerGrid, codes_for, storage_bits
+
+MS_DOMAIN = "com.microsoft"
+
+
+def nbits_block_size(k: int, largest: int = 128) -> int:
+    """A power of two in [16, largest] covering K if possible (fewer scales; all blocks share the row grid)."""
+    b = 16
+    while b < k and b < largest:
+        b *= 2
+    return b
+
+
+def supports(layer: Layer, grid: LayerGrid | None) -> bool:
+    """MatMul layers with a constant 2-D B quantized to at most 4 bits."""
+    return layer.op == "MatMul" and grid is not None and storage_bits(grid.bits) == 4
+
+
+def _pack_rows(q: np.ndarray) -> np.ndarray:
+    """(N, X) values in [0, 15] -> (N, ceil(X / 2)) bytes, the first value of each pair in the low nibble."""
+    if q.shape[1] % 2:
+        q = np.concatenate([q, np.zeros((q.shape[0], 1), q.dtype)], axis=1)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+
+def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, grid: LayerGrid,
+                             dead: set[str], *, accuracy_level: int = 0) -> str:
+    """Turn every MatMul consumer of ``layer`` into MatMulNBits (same node name and output). The old weight
+    and its chain go to ``dead`` for :func:`remove_unused`. Returns the packed weight's name."""
+    k, n = weight.shape
+    if grid.sym:  # stored unsigned: symmetric codes are q in [0, 2^b - 1] with z = 2^(b-1)
+        grid = LayerGrid(grid.scale, np.full_like(grid.zero_point, float(1 << (grid.bits - 1))), grid.bits, False)
+    codes, zps, _ = codes_for(weight, grid, axis=1)  # uint codes [K, N], zero points [N]
+    bs = nbits_block_size(k)
+    nb = -(-k // bs)
+    q = np.zeros((n, nb * bs), dtype=np.uint8)
+    q[:, :k] = codes.T
+    # padded K positions have code 0; A has no entries there, so they never contribute
+    packed = _pack_rows(q.reshape(n * nb, bs)).reshape(n, nb, bs // 2)
+    scales = np.repeat(grid.scale.astype(weight.dtype), nb)
+    zp = _pack_rows(np.repeat(zps.astype(np.uint8), nb).reshape(n, nb)).reshape(-1)
+
+    ix = GraphIndex(model)
+    taken = {t.name for t in model.graph.initializer} | set(ix.producer) | ix.graph_inputs
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name = f"{base}_{i}"
+            i += 1
+        taken.add(name)
+        return name
+
+    bn, sn, zn = fresh(f"{layer.weight_name}_Q4"), fresh(f"{layer.weight_name}_scales"), fresh(f"{layer.weight_name}_zp")
+    model.graph.initializer.extend([numpy_helper.from_array(packed, bn), numpy_helper.from_array(scales, sn),
+                                    numpy_helper.from_array(zp, zn)])
+    for c in layer.consumers:
+        old = model.graph.node[c.node_index]
+        new = helper.make_node("MatMulNBits", [old.input[0], bn, sn, zn], list(old.output), name=old.name,
+                               domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=bs, accuracy_level=accuracy_level)
+        new.doc_string = old.doc_string
+        model.graph.node[c.node_index].CopyFrom(new)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    dead.add(layer.weight_name)
+    dead.add(layer.source_name)
+    for step in layer.chain:
+        dead.add(ix.node(step.node_index).output[0])
+    return bn
