@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import __version__
+from .jsonutil import dumps
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -118,6 +119,7 @@ def _config_from_args(args: argparse.Namespace):
         include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
+        verify=args.verify, verify_samples=args.verify_samples,
     )
 
 
@@ -158,10 +160,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected; {result.samples} calibration samples")
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
+        if result.verify is not None:
+            for o in result.verify["outputs"]:
+                agree = f", top-1 agreement {o['top1']:.2%}" if o.get("top1") is not None else ""
+                print(f"verify ({result.verify['samples']} calibration samples): output '{o['name']}' rel L2 "
+                      f"{o['rel_l2']:.3e}, SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}{agree}")
         print(f"wrote {result.output} ({_fmt_bytes(result.output_bytes)}; input {_fmt_bytes(result.input_bytes)})")
     if report_path is not None:
         tmp = report_path.with_name(report_path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(dumps(data))
         os.replace(tmp, report_path)
         if not args.quiet:
             print(f"report: {report_path}")
@@ -312,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations to int8 for speed")
     x.add_argument("--opset", type=int, metavar="N",
                    help="convert the model to this opset first when --qdq needs a newer one (e.g. 21 for int4)")
+    x.add_argument("--verify", action="store_true",
+                   help="before writing, run the dense and the compressed model in ONNX Runtime on calibration "
+                        "samples and print how well their outputs agree (fails if the new graph does not load or run)")
+    x.add_argument("--verify-samples", type=int, default=64, metavar="N", help="samples for --verify (default 64)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)

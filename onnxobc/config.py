@@ -52,6 +52,8 @@ class CompressConfig:
     matmulnbits: bool = False
     accuracy_level: int = 0
     opset: int | None = None
+    verify: bool = False
+    verify_samples: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +95,8 @@ class CompressConfig:
             raise ValueError("--qdq stores quantized weights: give --bits B")
         if self.matmulnbits and (self.bits is None or self.bits > 4):
             raise ValueError("--format matmulnbits stores 4-bit MatMul weights: give --bits 2, 3 or 4")
+        if self.verify_samples < 1:
+            raise ValueError(f"--verify-samples must be >= 1, got {self.verify_samples}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.opset is not None and not 7 <= self.opset <= 23:

@@ -62,6 +62,7 @@ class CompressResult:
     input_bytes: int | None = None
     output_bytes: int | None = None
     version: str = __version__
+    verify: dict | None = None  # dense vs compressed outputs on calibration samples (--verify)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -183,6 +184,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
     if config.device == "cuda":
         get_xp("cuda")  # fail early and clearly when there is no GPU
+    if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
+        raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
+                         "iterator or reader")
     specs = input_specs(src)
     total = count_samples(calib, specs, config.samples) if isinstance(calib, (str, os.PathLike)) else None
     batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
@@ -220,6 +224,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     insert_nodes(out_model, dq_nodes)
     remove_unused(out_model, dead)
     t_eng = time.perf_counter() - t_eng
+    verify = None
+    if config.verify:
+        # before anything is written: a model that ONNX Runtime cannot load or run never reaches the disk
+        from .evaluate import evaluate
+
+        t_ver = time.perf_counter()
+        ev = evaluate(src, out_model, calib, batch_size=config.batch_size,
+                      max_samples=config.verify_samples, latency_runs=0)
+        verify = ev.to_dict()
+        verify["seconds"] = time.perf_counter() - t_ver
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if l not in selected],
@@ -230,5 +244,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         save_model_atomic(out_model, out_path)
         result.output_bytes = _file_size(out_path)
     result.seconds["total"] = time.perf_counter() - t0
+    if verify is not None:
+        result.verify = verify
     result.extra["model"] = out_model
     return result

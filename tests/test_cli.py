@@ -151,3 +151,31 @@ def test_device_cuda_without_gpu_is_a_clear_error(tiny, capsys):
                  "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert ("CuPy" in err or "CUDA" in err) and "Traceback" not in err and not out.exists()
+
+
+def test_verify_prints_agreement_and_reports_strict_json(tiny, capsys):
+    path, calib = tiny
+    out, rep = path.with_name("v.onnx"), path.with_name("v.json")
+    assert main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--sparsity", "0.0",
+                 "--method", "magnitude", "--verify", "--verify-samples", "8", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "verify (8 calibration samples)" in text and "rel L2 0.000e+00" in text
+    report = json.loads(rep.read_text())  # strict JSON: SQNR of identical outputs is the string "inf"
+    assert report["verify"]["outputs"][0]["sqnr_db"] == "inf"
+
+
+def test_verify_stops_a_broken_graph_before_it_is_written(tiny, capsys, monkeypatch):
+    import onnxobc.pipeline as pl
+
+    real = pl.insert_nodes
+
+    def sabotage(model, nodes):  # a graph ONNX Runtime cannot run: a consumer reads a missing tensor
+        real(model, nodes)
+        model.graph.node[-1].input[0] = "does_not_exist"
+
+    monkeypatch.setattr(pl, "insert_nodes", sabotage)
+    path, calib = tiny
+    out = path.with_name("broken.onnx")
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--bits", "8", "--verify"])
+    assert code == 1 and not out.exists()
+    assert "Traceback" not in capsys.readouterr().err

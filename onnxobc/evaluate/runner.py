@@ -6,9 +6,7 @@ batch through both sessions; metrics are accumulated in float64 (see metrics.py)
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import statistics
 import tempfile
@@ -32,6 +30,7 @@ from ..calibrate.data import (
     input_specs,
     iter_batches,
 )
+from ..jsonutil import dumps
 from ..errors import CalibrationError, UnsupportedModel, UsageError
 from ..graph import load_model
 from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
@@ -81,17 +80,9 @@ class EvalResult:
 
     def to_json(self, indent: int | None = 2) -> str:
         """Strict JSON: non-finite floats are written as the strings "inf", "-inf" and "nan"."""
-        return json.dumps(_json_safe(self.to_dict()), indent=indent, allow_nan=False)
+        return dumps(self.to_dict(), indent=indent)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ---- models ---------------------------------------------------------------------------------------------
