@@ -358,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted", EXIT_ERROR)
         return 130
+    except BrokenPipeError:  # e.g. `onnxobc inspect model.onnx | head`: the reader left, nothing to report
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown from failing on flush
+        except OSError:
+            pass
+        return EXIT_OK
     except MemoryError:
         if args.debug:
             raise
