@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,7 @@ import onnx
 from ..errors import CalibrationError
 from .data import feed_samples, input_specs
 from ..graph.layers import Layer, tensor_types
-from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from ..runtime import inference_session
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +51,7 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     try:
-        if tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD:
-            tmp = tempfile.mkdtemp(prefix="onnxobc-calib-")
-            path = Path(tmp) / "augmented.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="augmented.onnx.data")
-            return ort.InferenceSession(str(path), so, providers=providers)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        return inference_session(model, so, providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CalibrationError(f"ONNX Runtime cannot load the model: {msg}") from e

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -31,9 +30,9 @@ from ..calibrate.data import (
     iter_batches,
 )
 from ..jsonutil import dumps
+from ..runtime import inference_session
 from ..errors import CalibrationError, UnsupportedModel, UsageError
 from ..graph import load_model
-from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import DEFINITIONS, OutputAccumulator, OutputMetrics
 
 log = logging.getLogger(__name__)
@@ -240,12 +239,7 @@ def _make_session(model: onnx.ModelProto, path: Path | None, so, which: str, nam
     try:
         if path is not None:  # ONNX Runtime reads the file itself (and its external data)
             return ort.InferenceSession(str(path), so, providers=providers)
-        if tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD:
-            with tempfile.TemporaryDirectory(prefix="onnxobc-eval-") as tmp:
-                f = Path(tmp) / "model.onnx"
-                onnx.save_model(model, str(f), save_as_external_data=True, location="model.onnx.data")
-                return ort.InferenceSession(str(f), so, providers=providers)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        return inference_session(model, so, providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModel(f"ONNX Runtime (CPU) cannot load the {which} model {name}: {msg}") from e

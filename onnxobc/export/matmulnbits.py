@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph.layers import GraphIndex, Layer
+from ..graph.layers import Layer
+from .writeback import NameAllocator, retire_weight
 from .qdq import LayerGrid, codes_for, storage_bits
 
 MS_DOMAIN = "com.microsoft"
@@ -54,17 +55,7 @@ def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.nd
     scales = np.repeat(grid.scale.astype(weight.dtype), nb)
     zp = _pack_rows(np.repeat(zps.astype(np.uint8), nb).reshape(n, nb)).reshape(-1)
 
-    ix = GraphIndex(model)
-    taken = {t.name for t in model.graph.initializer} | set(ix.producer) | ix.graph_inputs
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name = f"{base}_{i}"
-            i += 1
-        taken.add(name)
-        return name
-
+    fresh = NameAllocator(model)
     bn, sn, zn = fresh(f"{layer.weight_name}_Q4"), fresh(f"{layer.weight_name}_scales"), fresh(f"{layer.weight_name}_zp")
     model.graph.initializer.extend([numpy_helper.from_array(packed, bn), numpy_helper.from_array(scales, sn),
                                     numpy_helper.from_array(zp, zn)])
@@ -76,8 +67,5 @@ def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.nd
         model.graph.node[c.node_index].CopyFrom(new)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    dead.add(layer.weight_name)
-    dead.add(layer.source_name)
-    for step in layer.chain:
-        dead.add(ix.node(step.node_index).output[0])
+    retire_weight(model, layer, dead)
     return bn

@@ -17,7 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import NumericalError, UsageError
-from ..graph.layers import GraphIndex, Layer
+from ..graph.layers import Layer
+from .writeback import NameAllocator, retire_weight
 
 
 @dataclass
@@ -130,17 +131,7 @@ def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, gri
     recorded in ``dead`` for :func:`remove_unused`. The DequantizeLinear node is returned, not inserted, so
     that node indices of the other layers stay valid: insert the nodes with :func:`insert_nodes` at the end.
     """
-    ix = GraphIndex(model)
-    taken = {t.name for t in model.graph.initializer} | set(ix.producer) | ix.graph_inputs | {n.name for n in model.graph.node}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name = f"{base}_{k}"
-            k += 1
-        taken.add(name)
-        return name
-
+    fresh = NameAllocator(model)
     axis = _weight_axis(layer)
     codes, zps, et = codes_for(weight, grid, axis)
     base = layer.weight_name
@@ -154,10 +145,7 @@ def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, gri
     dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, axis=axis)
     for c in layer.consumers:
         model.graph.node[c.node_index].input[1] = out
-    dead.add(layer.weight_name)
-    dead.add(layer.source_name)
-    for step in layer.chain:
-        dead.add(ix.node(step.node_index).output[0])
+    retire_weight(model, layer, dead)
     return dq
 
 

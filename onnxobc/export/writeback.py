@@ -25,6 +25,32 @@ def _set_tensor(model: onnx.ModelProto, ix: GraphIndex, name: str, kind: str, va
     raise KeyError(name)
 
 
+class NameAllocator:
+    """Fresh tensor and node names that clash with nothing in the main graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        ix = GraphIndex(model)
+        self.taken = ({t.name for t in model.graph.initializer} | set(ix.producer) | ix.graph_inputs
+                      | {n.name for n in model.graph.node})
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name = f"{base}_{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+
+def retire_weight(model: onnx.ModelProto, layer: Layer, dead: set[str]) -> None:
+    """Record the layer's old weight tensor, its source and its chain as candidates for :func:`remove_unused`."""
+    ix = GraphIndex(model)
+    dead.add(layer.weight_name)
+    dead.add(layer.source_name)
+    for step in layer.chain:
+        dead.add(ix.node(step.node_index).output[0])
+
+
 def write_back(model: onnx.ModelProto, layer: Layer, new_weight: np.ndarray, dead: set[str]) -> str:
     """Store ``new_weight`` (as the consumers see it) into ``model``; returns how it was written.
 
@@ -49,18 +75,12 @@ def write_back(model: onnx.ModelProto, layer: Layer, new_weight: np.ndarray, dea
         src_dtype = layer.chain[0].input_dtype if layer.chain else layer.weight.dtype
         _set_tensor(model, ix, layer.source_name, layer.source_kind, np.ascontiguousarray(value.astype(src_dtype)))
         return "in place"
-    existing = {t.name for t in model.graph.initializer} | set(ix.producer) | ix.graph_inputs
-    new_name = f"{layer.weight_name}_obc"
-    k = 1
-    while new_name in existing:
-        new_name = f"{layer.weight_name}_obc{k}"
-        k += 1
+    new_name = NameAllocator(model)(f"{layer.weight_name}_obc")
     model.graph.initializer.append(
         numpy_helper.from_array(np.ascontiguousarray(new_weight.astype(layer.weight.dtype)), new_name))
     for c in layer.consumers:
         model.graph.node[c.node_index].input[1] = new_name
-    dead.update(along)
-    dead.add(layer.weight_name)
+    retire_weight(model, layer, dead)
     return f"new initializer {new_name}"
 
 
