@@ -119,7 +119,7 @@ def _config_from_args(args: argparse.Namespace):
         include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
-        verify=args.verify, verify_samples=args.verify_samples,
+        verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
     )
 
 
@@ -157,7 +157,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         macs = [l.macs for l in result.layers]
         print(f"\n{len(result.layers)} layers compressed ({_fmt_int(tot_params)} weights, {zeros / max(tot_params, 1):.1%} "
               f"zero{'' if None in macs else f', {_fmt_int(sum(macs))} MACs/sample'}), "
-              f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected; {result.samples} calibration samples")
+              f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected; {result.samples} calibration samples"
+              + (f" (padding masked by '{result.token_mask}')" if result.token_mask else ""))
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
         if result.verify is not None:
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--calib", required=True, metavar="DATA", help=".npz file or directory of .npz files")
     pc.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples (default: all)")
     pc.add_argument("--batch-size", type=int, default=32, metavar="B", help="calibration batch size (default 32)")
+    pc.add_argument("--token-mask", default="auto", metavar="INPUT",
+                    help="[batch, sequence] input whose zeros mark padding tokens to leave out of the statistics of "
+                         "MatMul/Gemm layers (default auto: an input named attention_mask; 'none' to disable)")
     g = pc.add_argument_group("what to do")
     g.add_argument("--sparsity", type=float, metavar="S", help="fraction of weights to zero per layer, e.g. 0.5")
     g.add_argument("--nm", metavar="N:M", help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")

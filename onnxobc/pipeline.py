@@ -15,7 +15,7 @@ import onnx
 
 from . import __version__
 from .backend import get_xp, to_numpy
-from .calibrate import collect_hessians, count_samples, input_specs, iter_batches
+from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
 from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
@@ -62,6 +62,7 @@ class CompressResult:
     input_bytes: int | None = None
     output_bytes: int | None = None
     version: str = __version__
+    token_mask: str | None = None  # the input whose zeros marked padding left out of the Hessians
     verify: dict | None = None  # dense vs compressed outputs on calibration samples (--verify)
     extra: dict = field(default_factory=dict)
 
@@ -191,7 +192,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     total = count_samples(calib, specs, config.samples) if isinstance(calib, (str, os.PathLike)) else None
     batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
     t_cal = time.perf_counter()
-    stats = collect_hessians(src, selected, batches, progress=progress, total=None if total is None else -(-total // config.batch_size))
+    token_mask = find_token_mask(src, config.token_mask)
+    stats = collect_hessians(src, selected, batches, progress=progress,
+                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask)
     t_cal = time.perf_counter() - t_cal
     samples = next(iter(stats.values())).samples
 
@@ -237,7 +240,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if l not in selected],
-        samples=samples, seconds={"calibration": t_cal, "compression": t_eng},
+        samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
         input_bytes=_file_size(model) if not isinstance(model, onnx.ModelProto) else src.ByteSize(),
     )
     if out_path is not None:

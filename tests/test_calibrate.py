@@ -258,3 +258,39 @@ def test_unfold_in_slices_gives_same_hessian(monkeypatch):
     monkeypatch.setattr(hz, "_UNFOLD_BYTES", 1)  # one sample at a time
     sliced = _hessians(model, feed, batch_size=6)[1]["conv"].hessian()
     np.testing.assert_allclose(full, sliced, rtol=1e-12)
+
+
+def _masked_model():
+    """X [N, S, 8] @ W, output multiplied by the attention mask (so the mask input is used)."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y0"], name="mm"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], name="cast", to=onnx.TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "ax"], ["m3"], name="unsq"),
+             helper.make_node("Mul", ["Y0", "m3"], ["Y"], name="mul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", "S", 8]),
+                                       helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["N", "S"])],
+                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["N", "S", 6])],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([-1], np.int64), "ax")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_padding_tokens_are_left_out_of_the_hessian():
+    from onnxobc.calibrate import find_token_mask
+
+    model = _masked_model()
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((5, 7, 8)).astype(np.float32)
+    mask = (rng.random((5, 7)) > 0.4).astype(np.int64)
+    layers, _ = find_layers(model)
+    assert find_token_mask(model) == "attention_mask" and find_token_mask(model, "none") is None
+    with pytest.raises(CalibrationError, match="no such input"):
+        find_token_mask(model, "nope")
+    feed = {"X": X, "attention_mask": mask}
+    st = collect_hessians(model, layers, [feed], token_mask="attention_mask")["mm"]
+    real = X[mask != 0].astype(np.float64)
+    np.testing.assert_allclose(st.hessian()[0], 2 * real.T @ real / 5, rtol=1e-10)
+    assert st.columns == int(mask.sum())
+    full = collect_hessians(model, layers, [feed])["mm"]
+    allx = X.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(full.hessian()[0], 2 * allx.T @ allx / 5, rtol=1e-10)

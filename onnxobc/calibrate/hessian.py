@@ -73,12 +73,36 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto
     return aug, fetch
 
 
+def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | None:
+    """The graph input that marks real tokens (1) and padding (0), for transformer calibration.
+
+    ``"auto"`` picks a rank-2 integer/bool input called ``attention_mask`` (the Hugging Face convention);
+    ``None`` or ``"none"`` disables masking; any other value must name a rank-2 graph input."""
+    if name in (None, "none"):
+        return None
+    specs = {s.name: s for s in input_specs(model)}
+    if name == "auto":
+        for s in specs.values():
+            if s.name.lower().endswith("attention_mask") and len(s.shape) == 2 and s.dtype.kind in "iub":
+                return s.name
+        return None
+    if name not in specs:
+        raise CalibrationError(f"--token-mask {name}: the model has no such input (inputs: {', '.join(specs)})")
+    if len(specs[name].shape) != 2:
+        raise CalibrationError(f"--token-mask {name}: expected a [batch, sequence] input, got {specs[name].describe()}")
+    return name
+
+
 def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]],
                      *, providers: list[str] | None = None,
                      progress: Callable[[Iterable, str, int | None], Iterable] | None = None,
-                     total: int | None = None) -> dict[str, LayerStats]:
+                     total: int | None = None, token_mask: str | None = None) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
-    that share a weight)."""
+    that share a weight).
+
+    With ``token_mask`` (a [batch, sequence] input, see :func:`find_token_mask`), MatMul/Gemm inputs of shape
+    [batch, sequence, ...] keep only the positions of real tokens: padding never reaches the deployed model's
+    outputs that matter, so it must not shape the Hessian."""
     specs = input_specs(model)
     wanted = [c.input_name for layer in layers for c in layer.consumers]
     aug, fetch = augment(model, wanted)
@@ -99,10 +123,13 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
         values: dict[str, Any] = dict(zip(fetch, outs))
         values.update(feed)
         n = feed_samples(feed, specs)
+        mask = None if token_mask is None else np.asarray(feed[token_mask]) != 0
         for layer in layers:
             st = stats[layer.name]
             for c in layer.consumers:
                 x = np.asarray(values[c.input_name])
+                if mask is not None and layer.op != "Conv" and x.ndim >= 3 and x.shape[:2] == mask.shape:
+                    x = x[mask]  # real tokens only: (tokens, ..., K)
                 if layer.op == "MatMul" and x.shape[-1] != layer.weight.shape[0]:
                     raise CalibrationError(f"{c.node_name}: input has last dim {x.shape[-1]}, weight expects {layer.weight.shape[0]}")
                 # unfold a slice of samples at a time so im2col of large feature maps stays within a budget
