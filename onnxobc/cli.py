@@ -120,6 +120,7 @@ def _config_from_args(args: argparse.Namespace):
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
+        sparse_storage=args.sparse_storage,
     )
 
 
@@ -161,6 +162,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
               + (f" (padding masked by '{result.token_mask}')" if result.token_mask else ""))
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
+        if result.sparse_storage:
+            before = sum(t["bytes_before"] for t in result.sparse_storage)
+            after = sum(t["bytes_after"] for t in result.sparse_storage)
+            print(f"sparse storage: {len(result.sparse_storage)} tensors, {_fmt_bytes(before)} -> {_fmt_bytes(after)}")
         if result.verify is not None:
             for o in result.verify["outputs"]:
                 agree = f", top-1 agreement {o['top1']:.2%}" if o.get("top1") is not None else ""
@@ -323,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations to int8 for speed")
     x.add_argument("--opset", type=int, metavar="N",
                    help="convert the model to this opset first when --qdq needs a newer one (e.g. 21 for int4)")
+    x.add_argument("--sparse-storage", action="store_true",
+                   help="store pruned weights compactly (bitmask or exact N:M encoding of float or integer codes) with a "
+                        "small decode subgraph that ONNX Runtime folds at load time: smaller files, same outputs")
     x.add_argument("--verify", action="store_true",
                    help="before writing, run the dense and the compressed model in ONNX Runtime on calibration "
                         "samples and print how well their outputs agree (fails if the new graph does not load or run)")

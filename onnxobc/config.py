@@ -53,6 +53,7 @@ class CompressConfig:
     accuracy_level: int = 0
     opset: int | None = None
     verify: bool = False
+    sparse_storage: bool = False
     token_mask: str | None = "auto"
     verify_samples: int = 64
 

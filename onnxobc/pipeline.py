@@ -62,6 +62,7 @@ class CompressResult:
     input_bytes: int | None = None
     output_bytes: int | None = None
     version: str = __version__
+    sparse_storage: list | None = None  # one entry per tensor stored compactly (--sparse-storage)
     token_mask: str | None = None  # the input whose zeros marked padding left out of the Hessians
     verify: dict | None = None  # dense vs compressed outputs on calibration samples (--verify)
     extra: dict = field(default_factory=dict)
@@ -226,6 +227,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         ))
     insert_nodes(out_model, dq_nodes)
     remove_unused(out_model, dead)
+    sparse_report = None
+    if config.sparse_storage:
+        from .export.sparse import sparse_encode
+
+        out_model, sparse_report = sparse_encode(out_model)
     t_eng = time.perf_counter() - t_eng
     verify = None
     if config.verify:
@@ -249,5 +255,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     result.seconds["total"] = time.perf_counter() - t0
     if verify is not None:
         result.verify = verify
+    if sparse_report is not None:
+        result.sparse_storage = sparse_report
     result.extra["model"] = out_model
     return result

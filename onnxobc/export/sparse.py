@@ -8,26 +8,32 @@ runs on the same dense initializer as before; with optimizations disabled the su
 The decoded tensor is bit for bit the original: "zero" means an all-zero bit pattern for floats (-0.0 is
 stored as a value), and for integer codes the DequantizeLinear zero point of the element's channel.
 
-Two encodings; the smaller one (serialized initializers + decode nodes) wins per tensor, N:M on a tie:
+Two encodings; per tensor the smaller one (serialized initializers + decode nodes) wins, N:M when it is
+within ``NM_MARGIN`` of the bitmask (see :func:`_choose`), and nothing when neither beats the dense tensor:
 
 * ``bitmask``: one occupancy bit per element (uint8, element ``8*i + j`` in bit ``j`` of byte ``i``) and
   the non-zero values in element order, in the tensor's own type (4-bit codes stay packed two per byte),
   after one background slot. Decode: Div/Mod unpack the bits, CumSum * bit gives every element the slot of
-  its value (0 for a zero), Gather reads the values; per-channel zero points come back through Where.
+  its value (0 for a zero), Gather reads the values; per-channel zero points come back through Where
+  (from a one-byte-per-channel copy of them stored with the encoding).
 * ``nm``: N:M semi-structured, when every group of M consecutive elements along one axis holds at most N
   non-zeros. The axis is the one the consumer reduces over when one divides by M (Conv ``[Cout, Cin, k...]``:
   Cin at each kernel tap; MatMul ``B [K, N]``: K; Gemm: K), else any axis that fits. Per group the N kept
   values are stored, plus which of the C(M, N) position sets it uses, several groups per byte in base
   C(M, N) (three per byte for 2:4: 2.67 bits per group where two 2-bit indices need four). Decode: Div/Mod
   split the bytes into pattern numbers, Gather maps them to in-group positions, ScatterElements writes the
-  values into a tensor of zeros (or zero points), Reshape/Transpose restore the layout. 2:4 costs 2 values
-  + 2.67 bits per 4 weights, and the decoded tensor is the exact 2:4 tensor an engine with sparse kernels
-  (TensorRT) needs.
+  values into a tensor of zeros (ConstantOfShape; per-channel zero points: Expand of a copy of them),
+  Reshape/Transpose restore the layout. 2:4 costs 2 values + 2.67 bits per 4 weights, and the decoded
+  tensor is the exact 2:4 tensor an engine with sparse kernels (TensorRT) needs.
+
+Each encoded tensor also costs its decode nodes and a few shape constants, roughly 0.6-1.4 kB serialized (the
+node names carry the tensor name): on layers of a few thousand weights (4-bit ones especially) that can eat
+the saving, and such tensors stay dense.
 
 ONNX Runtime limits that shaped the decoders (1.32, CPU):
 
-* Constant folding skips nodes whose output size shape inference cannot bound (NonZero), so every decode
-  tensor has a static shape (CumSum/Gather/Where instead of NonZero/ScatterND).
+* Constant folding leaves NonZero (data-dependent output shape) in the graph, so every decode tensor has a
+  static shape (CumSum/Gather/Where instead of NonZero/ScatterND).
 * No Reshape/Gather/ScatterElements/Where/Expand kernels for int4/uint4, and no Div for uint8: 4-bit codes
   are decoded in 8 bits (stored 4-bit values Cast up first) and Cast to int4/uint4 at the end (Cast to and
   from the 4-bit types exists and folds); bit and base-C arithmetic runs in int32.
@@ -72,8 +78,7 @@ class _Target:
     dtype: int  # ONNX element type of the initializer
     dense: np.ndarray  # its values (4-bit codes widened to uint8/int8)
     background: np.ndarray  # scalar, or zero points shaped to broadcast against ``dense``
-    zero_point: str | None = None  # per-channel zero point initializer (only when ``background`` is not a scalar)
-    zp_axis: int | None = None
+    zp_axis: int | None = None  # axis of per-channel zero points (``background`` then has that axis only)
     group_axes: list[int] = field(default_factory=list)  # N:M axes to try, preferred first
 
     @property
@@ -102,7 +107,7 @@ class _Names:
     next_id: int = 0
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "_Names":
+    def of(cls, model: onnx.ModelProto) -> _Names:
         values: set[str] = set()
         nodes: set[str] = set()
 
@@ -204,11 +209,10 @@ class _Graph:
         return self.op("Cast", [name], to=t.wide) if t.dtype in _WIDE else name
 
     def zero_points(self, bshape: list[int]) -> str:
-        """The per-channel zero points in the decode type, reshaped to ``bshape``."""
-        zp = self.t.zero_point
-        if self.t.dtype in _WIDE:
-            zp = self.op("Cast", [zp], to=self.t.wide)
-        return self.op("Reshape", [zp, self.shape(bshape)])
+        """The per-channel zero points in the decode type, shaped ``bshape``: a copy (one byte per channel)
+        costs less than the Cast + Reshape nodes that would adapt the DequantizeLinear's own."""
+        zp = np.ascontiguousarray(self.t.background.reshape(bshape))
+        return self.init(f"{self.t.name}/sparse_zero_points", numpy_helper.from_array(zp))
 
     def to_storage(self, x: str) -> str:
         """The decoded tensor in the initializer's own type, under its name."""
@@ -281,7 +285,7 @@ def _code_target(t: TensorProto, uses, inits, graph_io) -> _Target | None:
     axis %= dense.ndim
     shape = [1] * dense.ndim
     shape[axis] = -1
-    return _Target(t.name, t.data_type, dense, zp.reshape(shape), zp_name, axis)
+    return _Target(t.name, t.data_type, dense, zp.reshape(shape), axis)
 
 
 def _targets(model: onnx.ModelProto, opset: int, min_elements: int) -> list[_Target]:
@@ -353,14 +357,12 @@ def _encode_bitmask(g: _Graph, t: _Target, zero: np.ndarray) -> dict:
     slot = g.op("Mul", [g.op("CumSum", [b, g.const("zero_i32", np.asarray(0, np.int32))]), b])
     slot = g.op("Reshape", [slot, g.shape(shape)])
     v = g.values(values)
-    if t.zero_point is None:
+    if t.zp_axis is None:
         x = g.op("Gather", [v, slot], last=t.dtype not in _WIDE)
     else:
         x = g.op("Gather", [v, slot])
         cond = g.op("Cast", [slot], to=TensorProto.BOOL)
-        bshape = [1] * len(shape)
-        bshape[t.zp_axis] = -1
-        x = g.op("Where", [cond, x, g.zero_points(bshape)], last=t.dtype not in _WIDE)
+        x = g.op("Where", [cond, x, g.zero_points(list(t.background.shape))], last=t.dtype not in _WIDE)
     g.to_storage(x)
     return {"encoding": "bitmask", "mask": mask, "values": values}
 
@@ -392,7 +394,7 @@ def _encode_nm(g: _Graph, t: _Target, zero: np.ndarray, axis: int, m: int, n: in
 
     # scalar background: decode as [groups, M]; per-channel zero points: in the split layout
     # (lead + [M]) where they broadcast
-    per_channel = t.zero_point is not None
+    per_channel = t.zp_axis is not None
     layout = lead if per_channel else [n_groups]
     d = g.op("Cast", [g.init(f"{t.name}/sparse_nm", numpy_helper.from_array(packed))], to=TensorProto.INT32)
     if k > 1:
@@ -416,7 +418,7 @@ def _encode_nm(g: _Graph, t: _Target, zero: np.ndarray, axis: int, m: int, n: in
         j = perm.index(t.zp_axis)
         bshape = [1] * len(split)
         if j < nd - 1:
-            bshape[j] = -1
+            bshape[j] = pdims[j]
         else:  # zero points along the group axis itself
             bshape[-2:] = [pdims[-1] // m, m]
         base = g.op("Expand", [g.zero_points(bshape), g.shape(split)])
@@ -466,15 +468,18 @@ def _candidates(t: _Target, zero: np.ndarray, names: _Names):
                 best = (est, axis, m, n)
     if best is not None:
         _, axis, m, n = best
-        for k in range(1, _max_per_byte(m, n) + 1):  # fewer per byte can spare the Slice of a ragged tail
+        k_max, n_groups = _max_per_byte(m, n), size // m
+        # fewer pattern numbers per byte can spare the Slice of a ragged tail
+        for k in [k_max] if n_groups % k_max == 0 else range(1, k_max + 1):
             g = _Graph(t, names)
             yield g, _encode_nm(g, t, zero, axis, m, n, k)
 
 
 def _choose(candidates: list) -> tuple[_Graph, dict]:
-    """The smallest candidate; N:M when it is within NM_MARGIN of the smallest: it records the structure
-    explicitly (a reader sees the pattern and the kept values without scanning the tensor), and its decode
-    subgraph, one node longer than the bitmask one, is what tips the balance on small tensors."""
+    """The smallest candidate, but N:M when it is within NM_MARGIN of it: N:M records the structure
+    explicitly (the pattern and the kept values can be read without scanning the tensor), and where the
+    payloads tie (exact 2:4 float: 2 values + 4 mask bits vs 2 values + 2.67 pattern bits per group) its
+    decode subgraph, a node or two longer, is what tips the balance on small tensors."""
     best = min(candidates, key=lambda c: c[0].size())
     nm = [c for c in candidates if c[1]["encoding"] != "bitmask"]
     if nm:
