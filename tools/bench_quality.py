@@ -239,7 +239,7 @@ def _reader(feed: dict, bs: int):
 
 
 def run_ort_static(model: str, spec: dict, out: Path, args) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     names = input_names(spec["model"])
@@ -266,7 +266,6 @@ def run_ort_static(model: str, spec: dict, out: Path, args) -> dict:
 
 def run_ort_nbits(model: str, spec: dict, opts: dict, out: Path, args) -> dict:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     if not _model_has_const_matmul(spec["model"]):
