@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,12 @@ from .calibrate import collect_hessians, count_samples, find_token_mask, input_s
 from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
-from .errors import UsageError
+from .errors import UnsupportedModel, UsageError
 from .export.matmulnbits import replace_with_matmulnbits
 from .export.matmulnbits import supports as mnb_supports
 from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
+from .graph.model_io import model_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ class CompressResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _file_size(path: str | os.PathLike) -> int:
-    p = Path(path)
-    size = p.stat().st_size
-    data = p.parent / (p.name + ".data")
-    if data.exists():
-        size += data.stat().st_size
-    return size
 
 
 def _identity_progress(it: Iterable, desc: str, total: int | None) -> Iterable:
@@ -172,7 +163,10 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         out_path = check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [], force)
     if isinstance(model, onnx.ModelProto):
         src = model
-        onnx.checker.check_model(src)
+        try:
+            onnx.checker.check_model(src)
+        except onnx.checker.ValidationError as e:
+            raise UnsupportedModel(f"the model is not a valid ONNX model: {str(e).strip().splitlines()[0]}") from e
     else:
         src = load_model(model)
     if config.qdq:
@@ -247,11 +241,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if l not in selected],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
-        input_bytes=_file_size(model) if not isinstance(model, onnx.ModelProto) else src.ByteSize(),
+        input_bytes=model_file_bytes(model) if not isinstance(model, onnx.ModelProto) else src.ByteSize(),
     )
     if out_path is not None:
         save_model_atomic(out_model, out_path)
-        result.output_bytes = _file_size(out_path)
+        result.output_bytes = model_file_bytes(out_path)
     result.seconds["total"] = time.perf_counter() - t0
     if verify is not None:
         result.verify = verify

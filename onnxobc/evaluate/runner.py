@@ -30,6 +30,7 @@ from ..calibrate.data import (
     iter_batches,
 )
 from ..jsonutil import dumps
+from ..graph.model_io import model_file_bytes  # noqa: F401  (re-exported)
 from ..runtime import inference_session
 from ..errors import CalibrationError, UnsupportedModel, UsageError
 from ..graph import load_model
@@ -166,46 +167,6 @@ def check_interfaces(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_name: str 
     compare("outputs", ro, co, lambda s: s.type_str, lambda s: None if s.shape is None else len(s.shape))
     return ri, ro
 
-
-def _external_locations(model: onnx.ModelProto) -> set[str]:
-    """Files named by tensors stored as external data (main graph, subgraphs, Constant attributes)."""
-    locs: set[str] = set()
-
-    def tensors(graph: onnx.GraphProto):
-        yield from graph.initializer
-        for node in graph.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    yield a.t
-                elif a.type == onnx.AttributeProto.TENSORS:
-                    yield from a.tensors
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    yield from tensors(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        yield from tensors(g)
-
-    for t in tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for e in t.external_data:
-                if e.key == "location":
-                    locs.add(e.value)
-    return locs
-
-
-def model_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of an .onnx file plus the external data files it references."""
-    p = Path(path)
-    size = p.stat().st_size
-    try:
-        bare = onnx.load_model(str(p), load_external_data=False)
-    except Exception:  # noqa: BLE001  (load_model then reports what is wrong with the file)
-        return size
-    for loc in _external_locations(bare):
-        f = p.parent / loc
-        if f.is_file():
-            size += f.stat().st_size
-    return size
 
 
 def _load(source: Any, which: str) -> tuple[str, onnx.ModelProto, int, Path | None]:
