@@ -272,10 +272,41 @@ def prune_blocks(w: Any, H: Any, block_size: int, sparsity: float, *, damp: floa
 
 
 # ----------------------------------------------------------------------------------------- entry point
+def _check_options(name: str, sparsity: float | None, nm: tuple[int, int] | None, block_size: int | None,
+                   bits: int | None) -> None:
+    """Invalid combinations of the compression options raise ValueError."""
+    if nm is not None and sparsity is not None:
+        raise ValueError(f"{name}: nm=(n, m) and sparsity are exclusive (N:M fixes the sparsity at 1 - n/m)")
+    if nm is not None and block_size is not None:
+        raise ValueError(f"{name}: nm=(n, m) and block_size are exclusive")
+    if block_size is not None and sparsity is None:
+        raise ValueError(f"{name}: block_size needs a sparsity (the fraction of weights to zero in blocks)")
+    if nm is not None and len(tuple(nm)) != 2:
+        raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
+    if sparsity is None and nm is None and bits is None:
+        raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
+
+
+def _quantize_survivors(pr: EngineResult, H: Any, bits: int, *, sym: bool, grid_method: str, name: str,
+                        dtype: str) -> EngineResult:
+    """Compound compression (sec. 3): OBQ of a pruned layer's survivors with its zeros frozen."""
+    from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
+
+    xp = xp_of(pr.weight, H)
+    mask = pr.weight != 0
+    if bool(xp.all(mask | (xp.diagonal(H) == 0)[None, :])):
+        mask = None  # nothing pruned but dead inputs (zero either way): the faster unmasked path
+    q = quantize_obq(pr.weight, H, bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
+                     name=name, dtype=dtype)
+    info = dict(q.info)
+    info["prune"] = pr.info
+    return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
+
+
 def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                     block_size: int | None = None, bits: int | None = None, sym: bool = False,
                     grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32", _validate_only: bool = False) -> EngineResult:
+                    dtype: str = "float32") -> EngineResult:
     """One layer, any supported combination (sec. 1-3).
 
     Pruning: ``sparsity`` alone (unstructured, global mask), ``nm=(n, m)`` (N:M) or ``block_size`` with
@@ -285,19 +316,7 @@ def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[
     """
     from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
 
-    if nm is not None and sparsity is not None:
-        raise ValueError(f"{name}: nm=(n, m) and sparsity are exclusive (N:M fixes the sparsity at 1 - n/m)")
-    if nm is not None and block_size is not None:
-        raise ValueError(f"{name}: nm=(n, m) and block_size are exclusive")
-    if block_size is not None and sparsity is None:
-        raise ValueError(f"{name}: block_size needs a sparsity (the fraction of weights to zero in blocks)")
-    if nm is not None:
-        if len(tuple(nm)) != 2:
-            raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
-    if sparsity is None and nm is None and bits is None:
-        raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
-    if _validate_only:
-        return None  # type: ignore[return-value]
+    _check_options(name, sparsity, nm, block_size, bits)
     kw = dict(damp=damp, name=name, dtype=dtype)
     if nm is not None:
         pr = prune_nm(w, H, nm[0], nm[1], **kw)
@@ -311,15 +330,7 @@ def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[
         return pr
     if pr is None:
         return quantize_obq(w, H, bits, sym=sym, grid_method=grid_method, damp=damp, name=name, dtype=dtype)
-    mask = pr.weight != 0
-    xp = xp_of(w, H)
-    if bool(xp.all(mask | (xp.diagonal(H) == 0)[None, :])):
-        mask = None  # nothing pruned but dead inputs (zero either way): the faster unmasked path
-    q = quantize_obq(pr.weight, H, bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
-                     name=name, dtype=dtype)
-    info = dict(q.info)
-    info["prune"] = pr.info
-    return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
+    return _quantize_survivors(pr, H, bits, sym=sym, grid_method=grid_method, name=name, dtype=dtype)
 
 
 def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
@@ -333,28 +344,16 @@ def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tupl
     single matrix: a depthwise conv's 3x3 rows are not each forced to the same sparsity); N:M and
     quantization are per row anyway and run group by group.
     """
-    from .obq import quantize_obq  # noqa: PLC0415
 
     g = len(ws)
     names = [name if g == 1 else f"{name}[group {i}]" for i in range(g)]
     if g == 1 or nm is not None or sparsity is None:
         return [compress_weight(ws[i], Hs[i], sparsity=sparsity, nm=nm, block_size=block_size, bits=bits, sym=sym,
                                 grid_method=grid_method, damp=damp, name=names[i], dtype=dtype) for i in range(g)]
-    compress_weight(ws[0], Hs[0], sparsity=sparsity, block_size=block_size, bits=bits, sym=sym,
-                    grid_method=grid_method, damp=damp, name=name, dtype=dtype, _validate_only=True)
+    _check_options(name, sparsity, nm, block_size, bits)
     pruned = _global_prune(list(ws), list(Hs), sparsity, None if block_size is None else int(block_size), damp=damp,
                            name=name, dtype=dtype)
     if bits is None:
         return pruned
-    out = []
-    xp = xp_of(ws[0], Hs[0])
-    for i, pr in enumerate(pruned):
-        mask = pr.weight != 0
-        if bool(xp.all(mask | (xp.diagonal(Hs[i]) == 0)[None, :])):
-            mask = None
-        q = quantize_obq(pr.weight, Hs[i], bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
-                         name=names[i], dtype=dtype)
-        info = dict(q.info)
-        info["prune"] = pr.info
-        out.append(EngineResult(q.weight, q.grid, pr.loss + q.loss, info))
-    return out
+    return [_quantize_survivors(pr, Hs[i], bits, sym=sym, grid_method=grid_method, name=names[i], dtype=dtype)
+            for i, pr in enumerate(pruned)]
