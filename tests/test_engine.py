@@ -97,10 +97,14 @@ def naive_blocks(Hd: np.ndarray, w: np.ndarray, bs: int):
     return np.array(order), np.array(losses), states
 
 
-def naive_obq(Hd: np.ndarray, w: np.ndarray, s: float, z: float, maxq: int, kept: np.ndarray | None = None):
-    """Greedy OBQ on one row with the outlier rule (sec. 3); masked weights frozen at 0 and out of H."""
+def naive_obq(Hd: np.ndarray, w: np.ndarray, s, z, maxq: int, kept: np.ndarray | None = None):
+    """Greedy OBQ on one row with the outlier rule (sec. 3); masked weights frozen at 0 and out of H.
+
+    ``s`` and ``z``: the row's scale and zero point, scalars or one per column (group-wise grids)."""
     c = len(w)
     w = w.copy()
+    s = np.broadcast_to(np.asarray(s, np.float64), (c,))
+    z = np.broadcast_to(np.asarray(z, np.float64), (c,))
     fixed = np.zeros(c, bool) if kept is None else ~kept
     w[fixed] = 0.0
     order, losses = [], []
@@ -108,9 +112,10 @@ def naive_obq(Hd: np.ndarray, w: np.ndarray, s: float, z: float, maxq: int, kept
         F = np.nonzero(~fixed)[0]
         Hi = np.linalg.inv(Hd[np.ix_(F, F)])
         wf = w[F]
-        qv = s * (np.clip(np.rint(wf / s) + z, 0, maxq) - z)
+        sf, zf = s[F], z[F]
+        qv = sf * (np.clip(np.rint(wf / sf) + zf, 0, maxq) - zf)
         e2 = (wf - qv) ** 2
-        i = int(np.argmax(e2)) if np.any(e2 > 0.25 * s * s) else int(np.argmin(e2 / np.diag(Hi)))
+        i = int(np.argmax(e2)) if np.any(e2 > 0.25 * sf * sf) else int(np.argmin(e2 / np.diag(Hi)))
         q = F[i]
         order.append(q)
         losses.append(e2[i] / Hi[i, i] / 2)
@@ -358,7 +363,8 @@ def test_blocks_match_naive(small_buffers, bs, c, sparsity):
 # --------------------------------------------------------------------------------------------- sec. 3
 def on_grid(res: EngineResult) -> bool:
     g = res.grid
-    q = quantize(res.weight, g.scale[:, None], g.zero_point[:, None], g.maxq)
+    scale, zero = g.expand(res.weight.shape[1])
+    q = quantize(res.weight, scale, zero, g.maxq)
     return q.dtype == res.weight.dtype and np.array_equal(q.view(np.uint32), res.weight.view(np.uint32))
 
 
@@ -483,3 +489,183 @@ def test_groups_select_one_global_mask():
     q = compress_groups(list(ws), list(Hs), sparsity=0.5, bits=4)
     for p, qq in zip(parts, q):
         assert np.all((qq.weight == 0) | (p.weight != 0)) and np.all(qq.weight[p.weight == 0] == 0)
+
+
+# ---------------------------------------------------------------------------------- group-wise grids
+def naive_group_grid(w: np.ndarray, bits: int, gs: int, *, sym: bool = False, method: str = "minmax",
+                     mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group loop: every group of ``gs`` columns (the last may be partial) fitted as a matrix of its own."""
+    c = w.shape[1]
+    scales, zeros = [], []
+    for j0 in range(0, c, gs):
+        sl = slice(j0, min(j0 + gs, c))
+        g = fit_grid(w[:, sl], bits, sym=sym, method=method, mask=None if mask is None else mask[:, sl])
+        scales.append(g.scale)
+        zeros.append(g.zero_point)
+    return np.stack(scales, axis=1), np.stack(zeros, axis=1)
+
+
+def naive_minmax_params(x: np.ndarray, bits: int, sym: bool) -> tuple[float, float]:
+    """Sec. 3 by the letter for one group: range including 0, scale = range / maxq, z = round(-min / s)."""
+    maxq = 2 ** bits - 1
+    lo, hi = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    if sym:
+        hi = max(-lo, hi)
+        lo = -hi
+    if hi == lo:
+        lo, hi = -1.0, 1.0
+    s = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(maxq))
+    z = float((maxq + 1) // 2) if sym else float(np.rint(-np.float32(lo) / s))
+    return float(s), z
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", [16, 7])
+def test_group_grid_matches_per_group_loop(method, masked, sym, gs):
+    rng = np.random.default_rng(40)
+    w = (rng.standard_normal((6, 70)) * rng.uniform(0.1, 3.0, 70)).astype(np.float32)  # 70 % gs: a partial group
+    mask = rng.random(w.shape) > 0.4 if masked else None
+    if masked:
+        mask[1, :gs] = False  # an all-masked group: degenerate range
+    g = fit_grid(w, 4, sym=sym, method=method, mask=mask, group_size=gs)
+    ng = -(-70 // gs)
+    assert g.group_size == gs and g.scale.shape == (6, ng) and g.zero_point.shape == (6, ng)
+    assert g.scale.dtype == w.dtype
+    s_ref, z_ref = naive_group_grid(w, 4, gs, sym=sym, method=method, mask=mask)
+    np.testing.assert_array_equal(g.scale, s_ref)
+    np.testing.assert_array_equal(g.zero_point, z_ref)
+    if method == "minmax":
+        wm = w if mask is None else np.where(mask, w, 0)
+        for r in (0, 1, 5):
+            for j in range(ng):
+                s, z = naive_minmax_params(wm[r, j * gs:(j + 1) * gs], 4, sym)
+                assert g.scale[r, j] == pytest.approx(s, rel=1e-6) and g.zero_point[r, j] == z
+    # every weight is rounded on its own group's grid; pruned zeros stay exactly 0
+    q, g2 = rtn_quantize(w, 4, sym=sym, grid_method=method, mask=mask, group_size=gs)
+    for j in range(ng):
+        sl = slice(j * gs, (j + 1) * gs)
+        ref = quantize(w[:, sl], g.scale[:, j:j + 1], g.zero_point[:, j:j + 1], g.maxq)
+        if mask is not None:
+            ref = np.where(mask[:, sl], ref, 0)
+        np.testing.assert_array_equal(q[:, sl], ref)
+    assert np.array_equal(apply_grid(q, g2), q)
+    scale, zero = g.expand(70)
+    assert scale.shape == (6, 70) and np.array_equal(scale[:, gs * (ng - 1):], np.repeat(g.scale[:, -1:], 70 - gs * (ng - 1), 1))
+    with pytest.raises(ValueError, match="groups per row"):
+        g.expand(70 + gs)
+    sub = g.rows(slice(1, 3))
+    assert sub.group_size == gs and sub.scale.shape == (2, ng)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_group_size_covering_the_row_is_per_row(method):
+    w, H = make_problem(5, 24, 41)
+    per_row = fit_grid(w, 3, method=method)
+    per_row_obq = quantize_obq(w, H, 3, grid_method=method)
+    for gs in (24, 100):
+        g = fit_grid(w, 3, method=method, group_size=gs)
+        assert g.scale.shape == (5, 1)  # kept as one group, not normalised to per-row
+        np.testing.assert_array_equal(g.scale[:, 0], per_row.scale)
+        np.testing.assert_array_equal(g.zero_point[:, 0], per_row.zero_point)
+        np.testing.assert_array_equal(apply_grid(w, g), apply_grid(w, per_row))
+        res = quantize_obq(w, H, 3, grid_method=method, group_size=gs)
+        np.testing.assert_array_equal(res.weight, per_row_obq.weight)
+        assert res.loss == per_row_obq.loss
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="group_size"):
+            fit_grid(w, 3, group_size=bad)
+    with pytest.raises(ValueError, match="group_size"):
+        compress_weight(w, H, sparsity=0.5, group_size=8)  # no bits
+    with pytest.raises(ValueError, match="layer: group_size"):
+        compress_weight(w, H, bits=4, group_size=0)
+
+
+@pytest.mark.parametrize("bits,sym,gs", [(4, False, 6), (3, True, 5), (2, False, 4)])
+def test_obq_groups_match_naive(small_buffers, bits, sym, gs):
+    w, H = make_problem(5, 16, 42, dead=(7,))
+    w[1, 3] = 4.0  # outlier rule engages
+    res = quantize_obq(w, H, bits, sym=sym, dtype="float64", group_size=gs)
+    assert on_grid(res) and res.grid.group_size == gs and res.grid.scale.shape == (5, -(-16 // gs))
+    assert np.array_equal(res.weight, apply_grid(res.weight, res.grid))
+    Hd, wd = damped(H, w)
+    g = fit_grid(w, bits, sym=sym, group_size=gs)
+    scale, zero = g.expand(16)
+    total = 0.0
+    for r in range(5):
+        _, l, wr = naive_obq(Hd, wd[r], scale[r], zero[r], g.maxq)
+        np.testing.assert_allclose(res.weight[r], wr, rtol=1e-5, atol=1e-6)
+        total += l.sum()
+    assert res.loss == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["small_buffers", "lazy_compaction"])
+def test_obq_groups_masked_match_naive(request, fixture):
+    request.getfixturevalue(fixture)
+    c = 40 if fixture == "lazy_compaction" else 16
+    w, H = make_problem(6, c, 43)
+    rng = np.random.default_rng(1)
+    mask = rng.random(w.shape) > 0.4
+    mask[2] = True
+    mask[3, :] = False
+    mask[3, 5] = True
+    res = quantize_obq(w, H, 3, mask=mask, dtype="float64", group_size=6)
+    assert on_grid(res) and np.all(res.weight[~mask] == 0)
+    Hd, wd = damped(H, w)
+    g = fit_grid(w, 3, mask=mask, group_size=6)
+    np.testing.assert_array_equal(res.grid.scale, g.scale)
+    scale, zero = g.expand(c)
+    for r in range(6):
+        _, _, wr = naive_obq(Hd, wd[r], scale[r], zero[r], g.maxq, kept=mask[r])
+        np.testing.assert_allclose(res.weight[r], wr, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,gs", [(3, 16), (4, 32), (4, 24)])
+def test_obq_groups_beat_rtn_and_lie_on_grid(bits, gs):
+    w, H = make_problem(16, 64, 44)
+    res = quantize_obq(w, H, bits, grid_method="mse", group_size=gs)
+    assert on_grid(res) and res.weight.dtype == np.float32
+    rtn, grid = rtn_quantize(w, bits, grid_method="mse", group_size=gs)
+    np.testing.assert_array_equal(res.grid.scale, grid.scale)
+    assert layer_error(w, res.weight, H) < 0.8 * layer_error(w, rtn, H)
+
+
+def test_groups_help_with_column_outliers():
+    """Column groups of very different magnitudes: a per-row grid wastes its levels on the large groups."""
+    w, H = make_problem(16, 64, 45)
+    mags = np.repeat(10.0 ** np.random.default_rng(2).uniform(-2, 0.5, 8), 8)
+    w = (w * mags[None, :]).astype(np.float32)
+    per_row = quantize_obq(w, H, 4)
+    grouped = quantize_obq(w, H, 4, group_size=8)
+    assert on_grid(grouped)
+    assert layer_error(w, grouped.weight, H) < 0.5 * layer_error(w, per_row.weight, H)
+    rtn, _ = rtn_quantize(w, 4, group_size=8)
+    assert layer_error(w, grouped.weight, H) <= layer_error(w, rtn, H)
+
+
+@pytest.mark.parametrize("prune", [dict(nm=(2, 4)), dict(sparsity=0.5)])
+def test_compound_groups(prune):
+    w, H = make_problem(8, 32, 46)
+    pr = compress_weight(w, H, **prune)
+    res = compress_weight(w, H, bits=4, group_size=8, **prune)
+    zeros = pr.weight == 0
+    assert np.all(res.weight[zeros] == 0), "pruned weights must stay exactly zero"
+    assert on_grid(res) and res.grid.group_size == 8 and res.grid.scale.shape == (8, 4)
+    g = fit_grid(pr.weight, 4, mask=~zeros, group_size=8)
+    np.testing.assert_array_equal(res.grid.scale, g.scale)  # grid fitted on the survivors, per group
+    if "nm" in prune:
+        assert np.all((res.weight.reshape(8, -1, 4) != 0).sum(axis=2) <= 2)
+
+
+def test_compress_groups_with_group_size():
+    from onnxobc.engine import compress_groups
+
+    ws, Hs = zip(*[make_problem(3, 18, seed=s) for s in range(3)])
+    for kw in (dict(bits=4), dict(bits=4, sparsity=0.5)):
+        parts = compress_groups(list(ws), list(Hs), group_size=6, **kw)
+        for w_, H_, p in zip(ws, Hs, parts):
+            assert on_grid(p) and p.grid.scale.shape == (3, 3)
+        one = compress_weight(ws[1], Hs[1], group_size=6, bits=4)
+        if "sparsity" not in kw:
+            np.testing.assert_array_equal(parts[1].weight, one.weight)

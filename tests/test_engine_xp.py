@@ -127,3 +127,37 @@ def test_compound_float32(xp):
     assert np.array_equal(q.view(np.uint32), W.view(np.uint32))
     ref = compress_weight(w, H, nm=(2, 4), bits=4)  # NumPy result: same decisions up to float32 rounding
     assert res.loss == pytest.approx(ref.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_group_grid(xp, method):
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((6, 70)) * rng.uniform(0.1, 3.0, 70)).astype(np.float32)
+    mask = rng.random(w.shape) > 0.4
+    for m in (None, mask):
+        g = fit_grid(xp.asarray(w), 4, method=method, mask=None if m is None else xp.asarray(m), group_size=16)
+        _same_module(xp, g.scale)
+        ref = fit_grid(w, 4, method=method, mask=m, group_size=16)
+        np.testing.assert_allclose(to_numpy(g.scale), ref.scale, rtol=1e-6)
+        np.testing.assert_array_equal(to_numpy(g.zero_point), ref.zero_point)
+        assert tuple(g.expand(70)[0].shape) == (6, 70)
+
+
+def test_obq_groups(xp, small_buffers):
+    w, H = make_problem(5, 16, 42, dead=(7,))
+    w[1, 3] = 4.0
+    mask = np.random.default_rng(3).random(w.shape) > 0.3
+    for m in (None, mask):
+        res = quantize_obq(xp.asarray(w), xp.asarray(H), 3, mask=None if m is None else xp.asarray(m),
+                           dtype="float64", group_size=6)
+        _same_module(xp, res.weight)
+        W = to_numpy(res.weight)
+        g = fit_grid(w, 3, mask=m, group_size=6)
+        scale, zero = g.expand(16)
+        Hd, wd = damped(H, w)
+        for r in range(5):
+            ref = naive_obq(Hd, wd[r], scale[r], zero[r], g.maxq, kept=None if m is None else m[r])[2]
+            np.testing.assert_allclose(W[r], ref, rtol=1e-5, atol=1e-6)
+        s, z = res.grid.expand(16)
+        q = quantize(res.weight, s, z, res.grid.maxq)
+        assert np.array_equal(to_numpy(q).view(np.uint32), W.view(np.uint32))

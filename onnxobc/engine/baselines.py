@@ -37,9 +37,11 @@ def magnitude_prune_nm(w: Any, n: int, m: int) -> Any:
     return out.reshape(rows, c)
 
 
-def rtn_quantize(w: Any, bits: int, *, sym: bool = False, grid_method: str = "minmax", mask: Any = None) -> tuple[Any, Grid]:
-    """Per-output-channel round-to-nearest; returns the fake-quantized weights and the grid."""
-    grid = fit_grid(w, bits, sym=sym, method=grid_method, mask=mask)
+def rtn_quantize(w: Any, bits: int, *, sym: bool = False, grid_method: str = "minmax", mask: Any = None,
+                 group_size: int | None = None) -> tuple[Any, Grid]:
+    """Round-to-nearest on per-output-channel grids (or per group of ``group_size`` columns of a row);
+    returns the fake-quantized weights and the grid."""
+    grid = fit_grid(w, bits, sym=sym, method=grid_method, mask=mask, group_size=group_size)
     q = apply_grid(w, grid)
     if mask is not None:
         q = xp_of(w).where(mask, q, 0)

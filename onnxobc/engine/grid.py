@@ -1,8 +1,12 @@
-"""Per-output-channel uniform quantization grids (ALGORITHMS.md section 3).
+"""Uniform quantization grids per output channel or per group of columns (ALGORITHMS.md section 3).
 
 q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z), the range always includes 0 so that 0 is exact, and
 rounding is half to even, as ONNX QuantizeLinear does: the error minimised here is the error ONNX Runtime
 produces when the grid is exported as QuantizeLinear/DequantizeLinear.
+
+A grid is either per row (one scale and zero point per output channel) or group-wise: with ``group_size``
+g, row r has one scale and zero point per group j of consecutive columns [j g, min((j + 1) g, C)) (the
+last group may be partial), exported as blocked DequantizeLinear (opset 21) or MatMulNBits blocks.
 """
 from __future__ import annotations
 
@@ -20,13 +24,18 @@ _MSE_MAX_SHRINK = 0.8
 
 @dataclass
 class Grid:
-    """A per-row grid: ``scale`` and ``zero_point`` have one entry per row (zero_point holds integers
-    stored as floats, in [0, 2^bits - 1])."""
+    """A per-row or group-wise grid (zero_point holds integers stored as floats, in [0, 2^bits - 1]).
+
+    ``group_size=None``: ``scale`` and ``zero_point`` have shape (rows,). ``group_size=g``: shape
+    (rows, ceil(C / g)), entry (r, j) serving columns [j g, min((j + 1) g, C)) of row r. The shape is kept
+    as given even when g >= C (one group, (rows, 1)): such a grid quantizes exactly like the per-row one.
+    """
 
     scale: Any
     zero_point: Any
     bits: int
     sym: bool = False
+    group_size: int | None = None
 
     @property
     def maxq(self) -> int:
@@ -34,7 +43,32 @@ class Grid:
 
     def rows(self, idx: Any) -> "Grid":
         """The grid restricted to some rows (index or slice)."""
-        return Grid(self.scale[idx], self.zero_point[idx], self.bits, self.sym)
+        return Grid(self.scale[idx], self.zero_point[idx], self.bits, self.sym, self.group_size)
+
+    def expand(self, c: int) -> tuple[Any, Any]:
+        """(scale, zero_point) of every weight of a rows x ``c`` matrix, broadcastable against it.
+
+        Per-row grids give (rows, 1) views; group-wise grids give (rows, c) arrays, column k holding the
+        parameters of its group k // group_size.
+        """
+        if self.group_size is None:
+            return self.scale[:, None], self.zero_point[:, None]
+        ng = -(-c // self.group_size)
+        if self.scale.ndim != 2 or self.scale.shape[1] != ng:
+            raise ValueError(f"a grid with group_size={self.group_size} over {c} columns needs {ng} groups per row, "
+                             f"got scale of shape {tuple(self.scale.shape)}")
+        xp = xp_of(self.scale)
+        g = xp.arange(c) // self.group_size
+        return self.scale[:, g], self.zero_point[:, g]
+
+
+def check_group_size(group_size: int | None) -> int | None:
+    """``group_size`` as an int >= 1 (None stays None: per-row grids); ValueError otherwise."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or int(group_size) != group_size or int(group_size) < 1:
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+    return int(group_size)
 
 
 def _params_from_range(xmin: Any, xmax: Any, bits: int, sym: bool) -> tuple[Any, Any]:
@@ -69,19 +103,31 @@ def quantize_int(x: Any, scale: Any, zero: Any, maxq: int) -> Any:
     return xp.clip(xp.rint(x / scale) + zero, 0, maxq)
 
 
-def fit_grid(w: Any, bits: int, *, sym: bool = False, method: str = "minmax", mask: Any = None) -> Grid:
-    """Fit one grid per row of ``w`` (rows x C).
+def fit_grid(w: Any, bits: int, *, sym: bool = False, method: str = "minmax", mask: Any = None,
+             group_size: int | None = None) -> Grid:
+    """Fit one grid per row of ``w`` (rows x C), or per (row, group of ``group_size`` columns).
 
-    method 'minmax' spans the row's range; 'mse' searches shrink factors of that range minimising
-    sum |q(x) - x|^2.4 per row. ``mask`` (bool, True = weight kept) restricts the fit to surviving weights
-    (compound compression: pruned zeros stay exact because the range always contains 0).
+    method 'minmax' spans the row's (group's) range; 'mse' searches shrink factors of that range minimising
+    sum |q(x) - x|^2.4 per row (per group). ``mask`` (bool, True = weight kept) restricts the fit to surviving
+    weights (compound compression: pruned zeros stay exact because the range always contains 0).
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if method not in ("minmax", "mse"):
         raise ValueError(f"grid method must be 'minmax' or 'mse', got {method!r}")
+    group_size = check_group_size(group_size)
     xp = xp_of(w)
     w = xp.asarray(w)
+    if group_size is not None:
+        # Every group becomes a row of its own. Masked weights and the padding of a partial last group are
+        # zeros, which change neither the range (it always contains 0) nor the mse error (0 is exact).
+        rows, c = w.shape
+        ng = -(-c // group_size)
+        wm = w if mask is None else xp.where(mask, w, 0)
+        if ng * group_size != c:
+            wm = xp.pad(wm, ((0, 0), (0, ng * group_size - c)))
+        g = fit_grid(wm.reshape(rows * ng, group_size), bits, sym=sym, method=method)
+        return Grid(g.scale.reshape(rows, ng), g.zero_point.reshape(rows, ng), bits, sym, group_size)
     if mask is not None:
         wmin = xp.where(mask, w, 0).min(axis=1)
         wmax = xp.where(mask, w, 0).max(axis=1)
@@ -105,5 +151,6 @@ def fit_grid(w: Any, bits: int, *, sym: bool = False, method: str = "minmax", ma
 
 
 def apply_grid(w: Any, grid: Grid) -> Any:
-    """Round-to-nearest of every weight of ``w`` on its row's grid."""
-    return quantize(w, grid.scale[:, None], grid.zero_point[:, None], grid.maxq)
+    """Round-to-nearest of every weight of ``w`` on its row's (group's) grid."""
+    scale, zero = grid.expand(w.shape[1])
+    return quantize(w, scale, zero, grid.maxq)

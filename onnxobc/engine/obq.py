@@ -22,7 +22,8 @@ __all__ = ["quantize_obq"]
 
 
 def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: str = "minmax", mask: Any = None,
-                 damp: float = 0.01, name: str = "layer", dtype: str = "float32") -> EngineResult:
+                 damp: float = 0.01, name: str = "layer", dtype: str = "float32",
+                 group_size: int | None = None) -> EngineResult:
     """Quantize every row of ``w`` to its own ``bits``-bit grid with the OBQ greedy order (sec. 3).
 
     The grid comes from :func:`fit_grid` on the (masked) input row and never changes. Order: the free weight
@@ -34,6 +35,10 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
     columns are removed from H (the row's inverse Hessian is (H_FF)^-1 over its kept set F). The output lies
     exactly on the grid: ``weight == quantize(weight, scale, zero, maxq)`` bit for bit, because it is built as
     ``scale * (code - zero)`` from integer codes in the grid's own dtype.
+
+    ``group_size``: group-wise grids (one scale and zero point per row and group of ``group_size``
+    consecutive columns, see :class:`~onnxobc.engine.grid.Grid`), fitted once up front like the per-row
+    grid (static groups); each weight is rounded on its own group's grid, the greedy order is unchanged.
     """
     rows, c = _check_layer(w, H, name)
     work = G.working_dtype(dtype)
@@ -43,14 +48,16 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
         if tuple(mask.shape) != (rows, c):
             raise ValueError(f"{name}: mask must have the weight's shape {(rows, c)}, got {tuple(mask.shape)}")
     clock = G.Clock(xp)
-    grid = fit_grid(w, bits, sym=sym, method=grid_method, mask=mask)
+    grid = fit_grid(w, bits, sym=sym, method=grid_method, mask=mask, group_size=group_size)
+    grouped = grid.group_size is not None
     prep = prepare(H, w, damp, name=name)
     clock.lap("prepare")
     maxq = grid.maxq
-    scale_w = xp.asarray(grid.scale, dtype=work)
-    zero_w = xp.asarray(grid.zero_point, dtype=work)
+    scale_c, zero_c = grid.expand(c)  # (rows, 1) per row, (rows, C) per column with groups
+    scale_w = xp.asarray(scale_c, dtype=work)
+    zero_w = xp.asarray(zero_c, dtype=work)
     codes = xp.empty((rows, c), dtype=work)
-    codes[...] = zero_w[:, None]  # code z is the value 0: frozen (masked) weights
+    codes[...] = zero_w  # code z is the value 0: frozen (masked) weights
     cap = G.cap(work)
 
     # Batch plan: rows in decreasing order of kept count, so that padding to a batch's largest row is small.
@@ -86,13 +93,20 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
         if real is not None:  # padding columns (masked weights) are fixed last, at 0 with zero loss
             tr.pen[...] = xp.where(real, 0.0, 2.0 * cap)
         K = tr.K
-        s = scale_w[ridx][:, None]
-        z = zero_w[ridx][:, None]
+        s = scale_w[ridx]  # (n, 1): one grid per row
+        z = zero_w[ridx]
+        if grouped:  # per local column, in the trace's column order; they follow its compaction (aux)
+            tr.aux["s"] = s = xp.take_along_axis(s, cols, axis=1)
+            tr.aux["z"] = z = xp.take_along_axis(z, cols, axis=1)
         thr = 0.25 * s * s
+        if grouped:
+            tr.aux["thr"] = thr
         order = xp.empty((n, K), dtype=xp.int64)
         chosen = xp.empty((n, K), dtype=work)
         errs = xp.empty((n, K), dtype=xp.float64)
         for t in range(K):
+            if grouped:  # a flush may have compacted the columns
+                s, z, thr = tr.aux["s"], tr.aux["z"], tr.aux["thr"]
             wv = tr.w
             code = xp.rint(wv / s)
             code += z
@@ -115,9 +129,7 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
         G.run_batches(xp, list(range(len(plan))), batch,
                       ([(len(r), K) for r, K in plan], G.nbuf_for(xp, plan[0][1]), work))
     total = sum(totals)
-    scale = grid.scale[:, None]
-    zero = grid.zero_point[:, None]
-    out = scale * (codes.astype(scale.dtype) - zero)  # exactly the grid's dequantization (see docstring)
+    out = scale_c * (codes.astype(scale_c.dtype) - zero_c)  # exactly the grid's dequantization (see docstring)
     out = _finish(xp, w, out, name)
     clock.lap("trace")
     return EngineResult(out, grid, total, _info(prep, steps=c, bits=int(bits), zeros=int((out == 0).sum()),

@@ -14,6 +14,7 @@ from ..backend import xp_of
 from ..errors import NumericalError
 from . import _greedy as G
 from ._blas import blas_threads
+from .grid import check_group_size
 from .hessian import Prepared, prepare, reconstruct
 from .result import EngineResult
 
@@ -273,7 +274,7 @@ def prune_blocks(w: Any, H: Any, block_size: int, sparsity: float, *, damp: floa
 
 # ----------------------------------------------------------------------------------------- entry point
 def _check_options(name: str, sparsity: float | None, nm: tuple[int, int] | None, block_size: int | None,
-                   bits: int | None) -> None:
+                   bits: int | None, group_size: int | None = None) -> None:
     """Invalid combinations of the compression options raise ValueError."""
     if nm is not None and sparsity is not None:
         raise ValueError(f"{name}: nm=(n, m) and sparsity are exclusive (N:M fixes the sparsity at 1 - n/m)")
@@ -285,10 +286,17 @@ def _check_options(name: str, sparsity: float | None, nm: tuple[int, int] | None
         raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
     if sparsity is None and nm is None and bits is None:
         raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
+    if group_size is not None:
+        if bits is None:
+            raise ValueError(f"{name}: group_size (group-wise quantization grids) needs bits")
+        try:
+            check_group_size(group_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
 
 def _quantize_survivors(pr: EngineResult, H: Any, bits: int, *, sym: bool, grid_method: str, name: str,
-                        dtype: str) -> EngineResult:
+                        dtype: str, group_size: int | None = None) -> EngineResult:
     """Compound compression (sec. 3): OBQ of a pruned layer's survivors with its zeros frozen."""
     from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
 
@@ -297,7 +305,7 @@ def _quantize_survivors(pr: EngineResult, H: Any, bits: int, *, sym: bool, grid_
     if bool(xp.all(mask | (xp.diagonal(H) == 0)[None, :])):
         mask = None  # nothing pruned but dead inputs (zero either way): the faster unmasked path
     q = quantize_obq(pr.weight, H, bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
-                     name=name, dtype=dtype)
+                     name=name, dtype=dtype, group_size=group_size)
     info = dict(q.info)
     info["prune"] = pr.info
     return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
@@ -306,17 +314,18 @@ def _quantize_survivors(pr: EngineResult, H: Any, bits: int, *, sym: bool, grid_
 def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                     block_size: int | None = None, bits: int | None = None, sym: bool = False,
                     grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32") -> EngineResult:
+                    dtype: str = "float32", group_size: int | None = None) -> EngineResult:
     """One layer, any supported combination (sec. 1-3).
 
     Pruning: ``sparsity`` alone (unstructured, global mask), ``nm=(n, m)`` (N:M) or ``block_size`` with
     ``sparsity`` (block sparsity); then, if ``bits`` is given, OBQ of the survivors with the zeros frozen
     (compound compression, sec. 3). ``loss`` is the sum of both stages' greedy losses; ``info`` holds the
-    pruning stage's info under ``'prune'``. Invalid combinations raise ValueError.
+    pruning stage's info under ``'prune'``. ``group_size`` (with ``bits``): one grid per row and group of
+    ``group_size`` consecutive columns instead of one per row. Invalid combinations raise ValueError.
     """
     from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
 
-    _check_options(name, sparsity, nm, block_size, bits)
+    _check_options(name, sparsity, nm, block_size, bits, group_size)
     kw = dict(damp=damp, name=name, dtype=dtype)
     if nm is not None:
         pr = prune_nm(w, H, nm[0], nm[1], **kw)
@@ -329,31 +338,35 @@ def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[
     if bits is None:
         return pr
     if pr is None:
-        return quantize_obq(w, H, bits, sym=sym, grid_method=grid_method, damp=damp, name=name, dtype=dtype)
-    return _quantize_survivors(pr, H, bits, sym=sym, grid_method=grid_method, name=name, dtype=dtype)
+        return quantize_obq(w, H, bits, sym=sym, grid_method=grid_method, damp=damp, name=name, dtype=dtype,
+                            group_size=group_size)
+    return _quantize_survivors(pr, H, bits, sym=sym, grid_method=grid_method, name=name, dtype=dtype,
+                               group_size=group_size)
 
 
 def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                     block_size: int | None = None, bits: int | None = None, sym: bool = False,
                     grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32") -> list[EngineResult]:
+                    dtype: str = "float32", group_size: int | None = None) -> list[EngineResult]:
     """:func:`compress_weight` for a layer made of several groups (grouped / depthwise Conv), one
     ``ws[g]`` (rows x C) and ``Hs[g]`` (C x C) per group.
 
     Unstructured and block sparsity select globally over ALL groups (one mask for the layer, as for a
     single matrix: a depthwise conv's 3x3 rows are not each forced to the same sparsity); N:M and
-    quantization are per row anyway and run group by group.
+    quantization are per row anyway and run group by group (``group_size`` grids: per row and group of
+    columns of each matrix, so a layer's grid is the groups' grids stacked along the rows).
     """
 
     g = len(ws)
     names = [name if g == 1 else f"{name}[group {i}]" for i in range(g)]
     if g == 1 or nm is not None or sparsity is None:
         return [compress_weight(ws[i], Hs[i], sparsity=sparsity, nm=nm, block_size=block_size, bits=bits, sym=sym,
-                                grid_method=grid_method, damp=damp, name=names[i], dtype=dtype) for i in range(g)]
-    _check_options(name, sparsity, nm, block_size, bits)
+                                grid_method=grid_method, damp=damp, name=names[i], dtype=dtype, group_size=group_size)
+                for i in range(g)]
+    _check_options(name, sparsity, nm, block_size, bits, group_size)
     pruned = _global_prune(list(ws), list(Hs), sparsity, None if block_size is None else int(block_size), damp=damp,
                            name=name, dtype=dtype)
     if bits is None:
         return pruned
-    return [_quantize_survivors(pr, Hs[i], bits, sym=sym, grid_method=grid_method, name=names[i], dtype=dtype)
-            for i, pr in enumerate(pruned)]
+    return [_quantize_survivors(pr, Hs[i], bits, sym=sym, grid_method=grid_method, name=names[i], dtype=dtype,
+                                group_size=group_size) for i, pr in enumerate(pruned)]

@@ -1,9 +1,10 @@
 """MatMulNBits export: 4-bit MatMul weights as ONNX Runtime's com.microsoft MatMulNBits (fast int4 kernels).
 
 MatMulNBits stores B [K, N] transposed as N rows of K codes cut into blocks of ``block_size`` with one scale
-and zero point per (row, block); the kernel dequantizes (q - z) * scale like DequantizeLinear. The engine's
-grids are per output channel, so every block of a row carries the row's own scale and zero point: the
-stored weights are bit for bit the ones the engine chose.
+and zero point per (row, block); the kernel dequantizes (q - z) * scale like DequantizeLinear. With a
+per-output-channel grid every block of a row carries the row's own scale and zero point; a group-wise grid
+(``LayerGrid.group_size``) is stored as is, its group size being the block size (a power of two >= 16, as
+the kernels require). Either way the stored weights are bit for bit the ones the engine chose.
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def nbits_block_size(k: int, largest: int = 128) -> int:
     return b
 
 
+def check_block_size(block_size: int) -> int:
+    """``block_size`` if MatMulNBits accepts it (a power of two >= 16), else ValueError."""
+    b = int(block_size)
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"MatMulNBits needs a block size that is a power of two >= 16, got group_size {block_size}: "
+                         "use group_size 16, 32, 64, 128... or export as QDQ")
+    return b
+
+
 def supports(layer: Layer, grid: LayerGrid | None) -> bool:
     """MatMul layers with a constant 2-D B quantized to at most 4 bits."""
     return layer.op == "MatMul" and grid is not None and storage_bits(grid.bits) == 4
@@ -41,19 +51,31 @@ def _pack_rows(q: np.ndarray) -> np.ndarray:
 def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, grid: LayerGrid,
                              dead: set[str], *, accuracy_level: int = 0) -> str:
     """Turn every MatMul consumer of ``layer`` into MatMulNBits (same node name and output). The old weight
-    and its chain go to ``dead`` for :func:`remove_unused`. Returns the packed weight's name."""
+    and its chain go to ``dead`` for :func:`remove_unused`. Returns the packed weight's name.
+
+    ``weight`` is B [K, N]; ``grid`` has rows = N and, when group-wise, groups along K (shape (N, ceil(K / gs)),
+    gs a power of two >= 16, else ValueError). A partial last block is padded with code 0."""
     k, n = weight.shape
     if grid.sym:  # stored unsigned: symmetric codes are q in [0, 2^b - 1] with z = 2^(b-1)
-        grid = LayerGrid(grid.scale, np.full_like(grid.zero_point, float(1 << (grid.bits - 1))), grid.bits, False)
-    codes, zps, _ = codes_for(weight, grid, axis=1)  # uint codes [K, N], zero points [N]
-    bs = nbits_block_size(k)
-    nb = -(-k // bs)
+        grid = LayerGrid(grid.scale, np.full_like(grid.zero_point, float(1 << (grid.bits - 1))), grid.bits, False,
+                         grid.group_size)
+    if grid.group_size is None:
+        codes, zps, _ = codes_for(weight, grid, axis=1)  # uint codes [K, N], zero points [N]
+        bs = nbits_block_size(k)
+        nb = -(-k // bs)
+        scales = np.repeat(grid.scale.astype(weight.dtype), nb)
+        zpb = np.repeat(zps.astype(np.uint8), nb).reshape(n, nb)
+    else:
+        bs = check_block_size(grid.group_size)
+        nb = -(-k // bs)
+        codes, zps, _ = codes_for(weight, grid, axis=1, block_axis=0)  # uint codes [K, N], zero points [nb, N]
+        scales = np.ascontiguousarray(grid.scale.astype(weight.dtype)).reshape(-1)  # (N, nb) row-major
+        zpb = np.ascontiguousarray(zps.T.astype(np.uint8))
     q = np.zeros((n, nb * bs), dtype=np.uint8)
     q[:, :k] = codes.T
     # padded K positions have code 0; A has no entries there, so they never contribute
     packed = _pack_rows(q.reshape(n * nb, bs)).reshape(n, nb, bs // 2)
-    scales = np.repeat(grid.scale.astype(weight.dtype), nb)
-    zp = _pack_rows(np.repeat(zps.astype(np.uint8), nb).reshape(n, nb)).reshape(-1)
+    zp = _pack_rows(zpb).reshape(-1)
 
     fresh = NameAllocator(model)
     bn, sn, zn = fresh(f"{layer.weight_name}_Q4"), fresh(f"{layer.weight_name}_scales"), fresh(f"{layer.weight_name}_zp")

@@ -7,6 +7,11 @@ fake-quantized weight (checked here before anything is written).
 Storage types: asymmetric grids use unsigned codes (uint8, or uint4 for b <= 4), symmetric grids signed
 codes shifted by 2^(b-1) with zero point 0 (int8 / int4), which is what integer kernels expect. 8-bit
 DequantizeLinear with a per-axis scale needs opset >= 13, the 4-bit types opset >= 21.
+
+Group-wise grids (one scale and zero point per output channel and group of ``group_size`` consecutive
+fan-in weights) become blocked DequantizeLinear (opset >= 21 at any bit width): attributes ``axis`` (the
+weight's fan-in axis) and ``block_size``, scale and zero point of the weight's rank with the fan-in axis
+divided (rounded up) by the block size.
 """
 from __future__ import annotations
 
@@ -23,12 +28,25 @@ from .writeback import NameAllocator, retire_weight
 
 @dataclass
 class LayerGrid:
-    """One per-output-channel grid over all rows of a layer (rows across Conv groups, in channel order)."""
+    """The quantization grid of a whole layer, in the engine's matrix layout.
 
-    scale: np.ndarray  # (rows,) float32
-    zero_point: np.ndarray  # (rows,) integer-valued floats in [0, 2^bits - 1]
+    Rows are the layer's output channels in channel order (the rows of all Conv groups stacked, so
+    rows = Cout). Per-channel grids (``group_size=None``): ``scale`` and ``zero_point`` have shape (rows,).
+    Group-wise grids: shape (rows, ngroups), entry (r, j) serving the engine's columns
+    [j * group_size, min((j + 1) * group_size, C)) of row r, where the engine's columns run over the weight's
+    fan-in axis (MatMul B [K, N] and Gemm with transB=0: axis 0; Gemm with transB=1 [N, K] and Conv
+    [Cout, Cin/g, k...]: axis 1) innermost and its other non-output axes outermost, i.e. for Conv the
+    CHANNELS-LAST column order c = tap * (Cin/g) + ci of :meth:`OpLayout.channels_last_perm` (identical to
+    the stored order for 1x1 kernels). A Conv with more than one kernel tap needs group_size to divide
+    Cin/g so that no group straddles two taps (see :func:`group_size_problem`). ngroups = ceil(C / group_size),
+    the last group of a Gemm/MatMul may be partial.
+    """
+
+    scale: np.ndarray  # (rows,) or (rows, ngroups), float32
+    zero_point: np.ndarray  # same shape, integer-valued floats in [0, 2^bits - 1]
     bits: int
     sym: bool
+    group_size: int | None = None
 
 
 def storage_bits(bits: int) -> int:
@@ -36,8 +54,10 @@ def storage_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
-def required_opset(bits: int) -> int:
-    return 21 if storage_bits(bits) == 4 else 13
+def required_opset(bits: int, blocked: bool = False) -> int:
+    """Lowest opset storing ``bits``-bit QDQ weights: 21 for int4/uint4 codes or blocked (group-wise)
+    DequantizeLinear, else 13 (per-axis DequantizeLinear)."""
+    return 21 if (blocked or storage_bits(bits) == 4) else 13
 
 
 def main_opset(model: onnx.ModelProto) -> int:
@@ -47,15 +67,20 @@ def main_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None) -> onnx.ModelProto:
-    """The model at an opset where ``bits``-bit QDQ weights can be stored: unchanged when it already is,
-    converted with onnx's version converter when the user allowed it (``opset``), else a clear error."""
-    need = required_opset(bits)
+def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocked: bool = False) -> onnx.ModelProto:
+    """The model at an opset where ``bits``-bit QDQ weights (group-wise when ``blocked``) can be stored:
+    unchanged when it already is, converted with onnx's version converter when the user allowed it
+    (``opset``), else a clear error."""
+    need = required_opset(bits, blocked)
     have = main_opset(model)
     target = max(need, opset or 0) if opset else None
     if have >= need and (opset is None or opset <= have):
         return model
     if target is None:
+        if blocked:
+            raise UsageError(f"--qdq with group-wise grids needs blocked DequantizeLinear, i.e. opset >= {need}, but "
+                             f"the model has opset {have}: pass --opset {need} to convert the model (or use "
+                             "per-channel grids)")
         kind = "int4/uint4 initializers" if need == 21 else "per-channel DequantizeLinear"
         raise UsageError(f"--qdq with {bits}-bit weights needs {kind}, i.e. opset >= {need}, but the model has opset "
                          f"{have}: pass --opset {need} to convert the model (or use --bits {'8' if need == 21 else bits} "
@@ -84,12 +109,99 @@ def _weight_axis(layer: Layer) -> int:
     return 1  # MatMul B [K, N]
 
 
-def codes_for(weight: np.ndarray, grid: LayerGrid, axis: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(integer codes in the storage dtype, zero points in the storage dtype, ONNX element type)."""
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    s = grid.scale.astype(np.float32).reshape(shape)
-    z = grid.zero_point.astype(np.float32).reshape(shape)
+def _fan_in_axis(layer: Layer) -> int:
+    """Axis of the weight tensor (as consumers see it) that runs along the engine's columns (the one
+    blocked DequantizeLinear blocks over)."""
+    if layer.op == "Conv":
+        return 1
+    if layer.op == "Gemm":
+        return 1 if layer.layout.attrs.get("transB", 0) else 0
+    return 0  # MatMul B [K, N]
+
+
+def group_size_problem(layer: Layer, group_size: int) -> str | None:
+    """Why ``layer`` cannot store group-wise grids of ``group_size`` as blocked DequantizeLinear (None: it can).
+
+    A Conv block runs along input channels at one kernel tap: with more than one tap, group_size must
+    divide Cin/g (the engine's channels-last columns then never put two taps in one group).
+    """
+    if group_size < 1:
+        return f"group_size must be >= 1, got {group_size}"
+    if layer.op == "Conv":
+        cin_g = int(layer.weight.shape[1])
+        taps = int(np.prod(layer.weight.shape[2:]))
+        if taps > 1 and cin_g % group_size:
+            return (f"group_size {group_size} does not divide the {cin_g} input channels per group of this "
+                    f"{'x'.join(str(k) for k in layer.weight.shape[2:])} Conv (a block cannot straddle kernel taps)")
+    return None
+
+
+def blocked_params(shape: tuple[int, ...], grid: LayerGrid, axis: int, block_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """A group-wise ``grid`` (rows, ngroups) as blocked DequantizeLinear's scale and zero point (float).
+
+    ``shape`` is the weight's shape as consumers see it, ``axis`` its output-channel axis and ``block_axis``
+    its fan-in axis. The engine's columns run over the remaining axes (in weight order, outermost) and
+    ``block_axis`` (innermost): see :class:`LayerGrid`. The result has the weight's rank, with
+    ``shape[block_axis]`` replaced by ceil(shape[block_axis] / group_size).
+    """
+    gs = grid.group_size
+    if gs is None:
+        raise ValueError("blocked_params needs a group-wise grid")
+    nd = len(shape)
+    axis, block_axis = axis % nd, block_axis % nd
+    if axis == block_axis:
+        raise ValueError("the output-channel axis and the blocked axis must differ")
+    other = [a for a in range(nd) if a not in (axis, block_axis)]
+    d = int(shape[block_axis])
+    nb = -(-d // gs)
+    n_other = int(np.prod([shape[a] for a in other])) if other else 1
+    if n_other > 1 and d % gs:
+        raise ValueError(f"group_size {gs} does not divide the blocked axis ({d}) of a weight of shape {tuple(shape)}: "
+                         "blocks would straddle the other axes")
+    rows = int(shape[axis])
+    want = (rows, n_other * nb)
+    if tuple(grid.scale.shape) != want or tuple(grid.zero_point.shape) != want:
+        raise ValueError(f"a group-wise grid for a weight of shape {tuple(shape)} (group_size {gs}) must have shape "
+                         f"{want}, got {tuple(grid.scale.shape)}")
+    # (rows, other..., nb) in engine order -> permuted into the weight's axis order
+    src_axes = [axis] + other + [block_axis]
+    dims = [rows] + [int(shape[a]) for a in other] + [nb]
+    perm = [src_axes.index(a) for a in range(nd)]
+
+    def lay(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(a).reshape(dims).transpose(perm))
+
+    return lay(grid.scale), lay(grid.zero_point)
+
+
+def _expand_blocks(a: np.ndarray, block_axis: int, block_size: int, d: int) -> np.ndarray:
+    """Blocked parameters repeated to every element along ``block_axis`` (length ``d``)."""
+    return np.repeat(a, block_size, axis=block_axis).take(np.arange(d), axis=block_axis)
+
+
+def codes_for(weight: np.ndarray, grid: LayerGrid, axis: int,
+              block_axis: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(integer codes in the storage dtype, zero points in the storage dtype, ONNX element type).
+
+    ``axis`` is the weight's output-channel axis. Group-wise grids also need ``block_axis`` (the fan-in
+    axis); their zero points come back in blocked DequantizeLinear layout (see :func:`blocked_params`),
+    those of per-channel grids as a 1-D array along ``axis``. Raises NumericalError unless every weight is
+    bit for bit on its grid.
+    """
+    if grid.group_size is None:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        s = grid.scale.astype(np.float32).reshape(shape)
+        z = grid.zero_point.astype(np.float32).reshape(shape)
+        zp_out = grid.zero_point
+    else:
+        if block_axis is None:
+            raise ValueError("a group-wise grid needs the weight's blocked (fan-in) axis")
+        s_blk, z_blk = blocked_params(weight.shape, grid, axis, block_axis)
+        d = weight.shape[block_axis]
+        s = _expand_blocks(s_blk.astype(np.float32), block_axis, grid.group_size, d)
+        z = _expand_blocks(z_blk.astype(np.float32), block_axis, grid.group_size, d)
+        zp_out = z_blk
     maxq = (1 << grid.bits) - 1
     q = np.clip(np.rint(weight.astype(np.float32) / s) + z, 0, maxq)
     deq = (q - z) * s
@@ -100,11 +212,11 @@ def codes_for(weight: np.ndarray, grid: LayerGrid, axis: int) -> tuple[np.ndarra
     if grid.sym:
         shift = 1 << (grid.bits - 1)
         codes = (q - shift).astype(np.int8)
-        zps = np.zeros(grid.scale.shape, dtype=np.int8)
+        zps = np.zeros(np.shape(zp_out), dtype=np.int8)
         et = TensorProto.INT4 if sb == 4 else TensorProto.INT8
     else:
         codes = q.astype(np.uint8)
-        zps = grid.zero_point.astype(np.uint8)
+        zps = np.asarray(zp_out).astype(np.uint8)
         et = TensorProto.UINT4 if sb == 4 else TensorProto.UINT8
     return codes, zps, et
 
@@ -125,24 +237,41 @@ def _tensor(name: str, values: np.ndarray, et: int) -> TensorProto:
 
 def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, grid: LayerGrid,
                    dead: set[str]) -> onnx.NodeProto:
-    """Replace ``layer``'s weight by integer codes -> DequantizeLinear (per output channel).
+    """Replace ``layer``'s weight by integer codes -> DequantizeLinear (per output channel, or blocked along
+    the fan-in axis for a group-wise grid: the model must then have opset >= 21, see :func:`ensure_opset`).
 
+    ``weight`` is the new weight as the consumers see it and ``grid`` its :class:`LayerGrid` (engine layout:
+    rows = output channels; group-wise grids with the engine's, for Conv channels-last, column order).
     The consumers are rewired to the DequantizeLinear output; the old weight tensor and its chain are
     recorded in ``dead`` for :func:`remove_unused`. The DequantizeLinear node is returned, not inserted, so
     that node indices of the other layers stay valid: insert the nodes with :func:`insert_nodes` at the end.
     """
     fresh = NameAllocator(model)
     axis = _weight_axis(layer)
-    codes, zps, et = codes_for(weight, grid, axis)
+    if grid.group_size is not None:
+        why = group_size_problem(layer, grid.group_size)
+        if why:
+            raise UsageError(f"{layer.name}: {why}")
+        if main_opset(model) < 21:
+            raise UsageError(f"{layer.name}: group-wise QDQ weights need opset >= 21 (blocked DequantizeLinear), the "
+                             f"model has opset {main_opset(model)}: convert it first (ensure_opset(..., blocked=True))")
+        block_axis = _fan_in_axis(layer)
+        codes, zps, et = codes_for(weight, grid, axis, block_axis)
+        scale = blocked_params(weight.shape, grid, axis, block_axis)[0]
+        attrs = dict(axis=block_axis, block_size=int(grid.group_size))
+    else:
+        codes, zps, et = codes_for(weight, grid, axis)
+        scale = grid.scale
+        attrs = dict(axis=axis)
     base = layer.weight_name
     qn, sn, zn = fresh(f"{base}_quantized"), fresh(f"{base}_scale"), fresh(f"{base}_zero_point")
     out, node_name = fresh(f"{base}_dequantized"), fresh(f"{base}_DequantizeLinear")
     model.graph.initializer.extend([
         _tensor(qn, codes, et),
-        numpy_helper.from_array(grid.scale.astype(weight.dtype), sn),
+        numpy_helper.from_array(np.asarray(scale).astype(weight.dtype), sn),
         _tensor(zn, zps, et),
     ])
-    dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, axis=axis)
+    dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, **attrs)
     for c in layer.consumers:
         model.graph.node[c.node_index].input[1] = out
     retire_weight(model, layer, dead)
