@@ -115,12 +115,14 @@ def _config_from_args(args: argparse.Namespace):
 
     return CompressConfig(
         method=args.method, sparsity=args.sparsity, nm=args.nm, block_size=args.block_size, bits=args.bits,
+        group_size=args.group_size,
         sym=args.sym, grid=args.grid, damp=args.damp, samples=args.samples, batch_size=args.batch_size,
         include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
-        sparse_storage=args.sparse_storage,
+        sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
+        act_percentile=args.act_percentile,
     )
 
 
@@ -306,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nm", metavar="N:M", help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")
     g.add_argument("--block-size", type=int, metavar="B", help="zero weights in blocks of B consecutive inputs (with --sparsity)")
     g.add_argument("--bits", type=int, metavar="B", help="quantize weights to B bits (2..8), per output channel")
+    g.add_argument("--group-size", type=int, metavar="G",
+                   help="with --bits: one scale and zero point per G consecutive inputs of each output channel "
+                        "(group-wise, e.g. 32 or 128) instead of one per channel; stored as blocked DequantizeLinear "
+                        "(opset 21) or MatMulNBits blocks. Convs whose Cin/groups G does not divide stay per-channel")
     g.add_argument("--method", choices=["exact", "magnitude", "rtn"], default="exact",
                    help="exact: ExactOBS/OBQ (default); magnitude / rtn: the baselines")
     g.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
@@ -315,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="engine working precision")
+    a = pc.add_argument_group("activation quantization (W8A8)")
+    a.add_argument("--act-bits", type=int, choices=[8], metavar="8",
+                   help="also quantize activations to 8 bits with static per-tensor ranges from the calibration data: "
+                        "QuantizeLinear/DequantizeLinear pairs on the inputs of compressed layers (and Conv outputs) "
+                        "that ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat; needs --bits 8, "
+                        "implies --format qdq")
+    a.add_argument("--act-calib", choices=["minmax", "percentile", "mse"], default="minmax",
+                   help="activation range: observed min-max (default), a percentile, or the MSE-optimal clipping")
+    a.add_argument("--act-percentile", type=float, default=99.99, metavar="P",
+                   help="percentile for --act-calib percentile (default 99.99; the low end uses 100 - P)")
     x = pc.add_argument_group("output format")
     x.add_argument("--format", choices=["float", "qdq", "matmulnbits"], default="float",
                    help="how quantized weights are stored: float (fake-quantized, default); qdq (integer "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from .engine.metrics import error_terms
 from .errors import UnsupportedModel, UsageError
 from .export.matmulnbits import replace_with_matmulnbits
 from .export.matmulnbits import supports as mnb_supports
+from .export.qdq import group_size_problem
 from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes
@@ -65,6 +67,7 @@ class CompressResult:
     sparse_storage: list | None = None  # one entry per tensor stored compactly (--sparse-storage)
     token_mask: str | None = None  # the input whose zeros marked padding left out of the Hessians
     verify: dict | None = None  # dense vs compressed outputs on calibration samples (--verify)
+    activations: list | None = None  # one entry per quantized activation tensor (--act-bits)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -88,8 +91,8 @@ def _baseline(mats: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, LayerG
         mask = out != 0
     grid = None
     if cfg.bits is not None:
-        out, gr = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask)
-        grid = LayerGrid(np.asarray(gr.scale, np.float32), np.asarray(gr.zero_point), gr.bits, gr.sym)
+        out, gr = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask, group_size=cfg.group_size)
+        grid = LayerGrid(np.asarray(gr.scale, np.float32), np.asarray(gr.zero_point), gr.bits, gr.sym, cfg.group_size)
     return out.reshape(g, r, c), grid
 
 
@@ -101,14 +104,15 @@ def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> t
     res = compress_groups(
         [xp.asarray(m) for m in mats], [xp.asarray(h) for h in H], sparsity=cfg.sparsity, nm=cfg.nm,
         block_size=cfg.block_size, bits=cfg.bits, sym=cfg.sym, grid_method=cfg.grid, damp=cfg.damp, name=name,
-        dtype=cfg.dtype,
+        dtype=cfg.dtype, group_size=cfg.group_size,
     )
     damps = [r.info.get("damp", cfg.damp) for r in res]
     note = f"damp raised to {max(damps):g}" if max(damps) > cfg.damp else ""
     grid = None
     if all(r.grid is not None for r in res):
         grid = LayerGrid(np.concatenate([to_numpy(r.grid.scale).astype(np.float32) for r in res]),
-                         np.concatenate([to_numpy(r.grid.zero_point) for r in res]), res[0].grid.bits, res[0].grid.sym)
+                         np.concatenate([to_numpy(r.grid.zero_point) for r in res]), res[0].grid.bits, res[0].grid.sym,
+                         cfg.group_size)
     return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), grid, note
 
 
@@ -126,9 +130,17 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
             return layer.weight.copy(), 0.0, f"left dense: {note}", None
         note = f"not pruned: {note}"
         cfg = CompressConfig(method="rtn" if cfg.method == "magnitude" else cfg.method, bits=cfg.bits, sym=cfg.sym,
-                             grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype)
-    # N:M and block patterns run along input channels at each kernel tap (channels-last), as sparse kernels expect
-    perm = layer.layout.channels_last_perm(layer.weight.shape) if (cfg.nm or cfg.block_size) else None
+                             grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype,
+                             group_size=cfg.group_size)
+    if cfg.group_size is not None:
+        why = group_size_problem(layer, cfg.group_size)
+        if why:
+            note = "; ".join(x for x in (note, f"per-channel grid: {why}") if x)
+            cfg = dataclasses.replace(cfg, group_size=None)
+    # N:M and block patterns, and quantization groups, run along input channels at each kernel tap
+    # (channels-last), as sparse kernels and blocked DequantizeLinear expect
+    perm = (layer.layout.channels_last_perm(layer.weight.shape) if (cfg.nm or cfg.block_size or cfg.group_size)
+            else None)
     work, Hw = mats, H
     if perm is not None:
         work = mats[:, :, perm]
@@ -170,7 +182,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     else:
         src = load_model(model)
     if config.qdq:
-        src = ensure_opset(src, config.bits, config.opset)  # a converted copy when the opset must rise
+        src = ensure_opset(src, config.bits, config.opset, blocked=config.group_size is not None)  # a converted copy when the opset must rise
     layers, skipped = find_layers(src)
     selected = select_layers(layers, config.include, config.exclude)
     if not layers:
@@ -188,8 +200,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
     t_cal = time.perf_counter()
     token_mask = find_token_mask(src, config.token_mask)
+    observers, sites, act_notes = [], [], []
+    if config.act_bits:
+        from .calibrate.ranges import RangeObserver
+        from .export.actquant import plan_sites
+
+        sites, act_notes = plan_sites(src, selected)
+        observers.append(RangeObserver([s.tensor for s in sites]))
     stats = collect_hessians(src, selected, batches, progress=progress,
-                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask)
+                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
+                             observers=observers)
     t_cal = time.perf_counter() - t_cal
     samples = next(iter(stats.values())).samples
 
@@ -221,6 +241,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         ))
     insert_nodes(out_model, dq_nodes)
     remove_unused(out_model, dead)
+    act_report = None
+    if config.act_bits:
+        from .export.actquant import insert_activation_qdq
+
+        params = {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
+                  for s in sites}
+        insert_activation_qdq(out_model, sites, params)
+        act_report = [dict(tensor=s.tensor, used_as=s.why, **asdict(params[s.tensor])) for s in sites]
+        act_report += [dict(note=n) for n in act_notes]
     sparse_report = None
     if config.sparse_storage:
         from .export.sparse import sparse_encode
@@ -251,5 +280,6 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         result.verify = verify
     if sparse_report is not None:
         result.sparse_storage = sparse_report
+    result.activations = act_report
     result.extra["model"] = out_model
     return result

@@ -60,8 +60,14 @@ CONFIGS = {
     "rtn3": ("RTN 3-bit", "obc", dict(method="rtn", bits=3)),
     "obq4": ("OBQ 4-bit", "obc", dict(method="exact", bits=4)),
     "obq3": ("OBQ 3-bit", "obc", dict(method="exact", bits=3)),
+    "rtn4_g32": ("RTN 4-bit, groups of 32", "obc", dict(method="rtn", bits=4, group_size=32)),
+    "obq4_g32": ("OBQ 4-bit, groups of 32", "obc", dict(method="exact", bits=4, group_size=32)),
+    "rtn3_g32": ("RTN 3-bit, groups of 32", "obc", dict(method="rtn", bits=3, group_size=32)),
+    "obq3_g32": ("OBQ 3-bit, groups of 32", "obc", dict(method="exact", bits=3, group_size=32)),
     "obs24_w8": ("ExactOBS 2:4 + 8-bit", "obc", dict(method="exact", nm="2:4", bits=8)),
     "mag24_rtn8": ("magnitude 2:4 + RTN 8-bit", "obc", dict(method="magnitude", nm="2:4", bits=8)),
+    "rtn8_a8": ("RTN W8A8 (int8 weights, uint8 activations)", "obc", dict(method="rtn", bits=8, act_bits=8)),
+    "obq8_a8": ("OBQ W8A8 (int8 weights, uint8 activations)", "obc", dict(method="exact", bits=8, act_bits=8)),
     "ort_int8": ("ORT quantize_static QDQ int8 (per-channel W, uint8 A)", "ort_static", {}),
     "ort_nbits_rtn": ("ORT MatMulNBits 4-bit RTN (block 32)", "ort_nbits", dict(algo="rtn")),
     "ort_nbits_gptq": ("ORT MatMulNBits 4-bit GPTQ (block 32)", "ort_nbits", dict(algo="gptq")),
@@ -182,7 +188,7 @@ def _obc_format(model: str, opts: dict) -> tuple[dict, str]:
         return {}, "float"
     if model == "minilm" and bits <= 4:
         return dict(matmulnbits=True), "matmulnbits"
-    if bits <= 4:
+    if bits <= 4 or opts.get("group_size"):
         return dict(qdq=True, opset=21), "qdq (opset 21)"
     return dict(qdq=True), "qdq"
 

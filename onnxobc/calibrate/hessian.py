@@ -96,15 +96,21 @@ def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | 
 def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]],
                      *, providers: list[str] | None = None,
                      progress: Callable[[Iterable, str, int | None], Iterable] | None = None,
-                     total: int | None = None, token_mask: str | None = None) -> dict[str, LayerStats]:
+                     total: int | None = None, token_mask: str | None = None,
+                     observers: list | None = None) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
+
+    ``observers`` (e.g. :class:`~onnxobc.calibrate.ranges.RangeObserver`) name extra ``tensors`` to fetch and
+    get ``update(values, token_mask)`` after every batch, in the same pass over the data.
 
     With ``token_mask`` (a [batch, sequence] input, see :func:`find_token_mask`), MatMul/Gemm inputs of shape
     [batch, sequence, ...] keep only the positions of real tokens: padding never reaches the deployed model's
     outputs that matter, so it must not shape the Hessian."""
     specs = input_specs(model)
     wanted = [c.input_name for layer in layers for c in layer.consumers]
+    observers = list(observers or [])
+    wanted += [t for ob in observers for t in ob.tensors]
     aug, fetch = augment(model, wanted)
     sess = make_session(aug, providers)
     stats = {
@@ -124,6 +130,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
         values.update(feed)
         n = feed_samples(feed, specs)
         mask = None if token_mask is None else np.asarray(feed[token_mask]) != 0
+        for ob in observers:
+            ob.update(values, mask)
         for layer in layers:
             st = stats[layer.name]
             for c in layer.consumers:

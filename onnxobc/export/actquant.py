@@ -1,0 +1,234 @@
+"""Activation quantization (W8A8, ``--act-bits``): static per-tensor QuantizeLinear/DequantizeLinear pairs.
+
+Where the pairs go (:func:`plan_sites`), chosen so that ONNX Runtime's QDQ optimiser turns the compressed
+layers into integer kernels on CPU:
+
+* the activation input of every compressed layer (Conv, Gemm, MatMul): ``DQ(x) -> Conv/Gemm/MatMul <- DQ(w)``;
+  only the layer's own nodes read the quantized copy, other readers of the tensor (a residual Add, say) keep
+  the float tensor;
+* except for an image stem (a Conv with at most ``STEM_CHANNELS`` input channels), which stays float;
+* the output of every compressed Conv, after a directly following Relu or Clip (which ORT then folds into the
+  requantization): ``DQ -> Conv -> Q`` is the pattern ORT fuses into QLinearConv (a Conv without a quantized
+  output stays a float Conv). All readers of that output read the dequantized tensor, as in any W8A8 graph.
+  Graph outputs are never quantized.
+
+Gemm and MatMul need no output pair: ORT fuses ``DQ -> MatMul <- DQ`` into MatMulIntegerToFloat and
+``DQ -> Gemm <- DQ`` into QGemm with a float output.
+
+A Conv whose input and weight are both quantized also gets its bias stored as int32 codes on the grid
+``x_scale * w_scale`` (per output channel) behind a DequantizeLinear, which is what QLinearConv adds to its
+int32 accumulator; the rounding moves the bias by at most half of that (tiny) step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..calibrate.ranges import ActQuantParams
+from ..graph.layers import GraphIndex, Layer
+from .writeback import NameAllocator, remove_unused
+
+HOP_OPS = ("Relu", "Clip")
+# A Conv with this few input channels (an image stem: gray or RGB) keeps float activations: its fan-in is a few
+# dozen at most, and ONNX Runtime's QLinearConv ran 2.5x slower than the float Conv on the shipped model's
+# 1-channel stem (858 vs 336 us per batch of 64), while every other layer got 1-5x faster.
+STEM_CHANNELS = 4
+
+
+@dataclass
+class ActSite:
+    """One activation tensor that gets a Q/DQ pair."""
+
+    tensor: str
+    rewire_all: bool = False  # every reader reads the dequantized tensor (else only ``readers``)
+    readers: set[str] = field(default_factory=set)  # first output names of the nodes to rewire
+    why: list[str] = field(default_factory=list)
+    pad_of: str | None = None  # the output of a zero Pad of this quantized tensor: pad the uint8 codes instead
+
+
+def _float32_tensors(model: onnx.ModelProto) -> set[str]:
+    from ..graph.layers import tensor_types
+
+    return {k for k, v in tensor_types(model).items() if v == TensorProto.FLOAT}
+
+
+def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSite], list[str]]:
+    """The activation tensors to quantize for ``layers`` (see the module docstring), and notes on the ones
+    left in float (not float32, graph outputs)."""
+    ix = GraphIndex(model)
+    f32 = _float32_tensors(model)
+    sites: dict[str, ActSite] = {}
+    notes: list[str] = []
+
+    def site(t: str) -> ActSite:
+        return sites.setdefault(t, ActSite(t))
+
+    for layer in layers:
+        if layer.op == "Conv" and layer.groups == 1 and layer.weight.shape[1] <= STEM_CHANNELS:
+            notes.append(f"{layer.name}: stem Conv with {layer.weight.shape[1]} input channel(s) keeps float activations "
+                         "(its integer kernel is slower than the float one)")
+            continue
+        for c in layer.consumers:
+            node = ix.node(c.node_index)
+            if c.input_name not in f32:
+                notes.append(f"{c.node_name}: input {c.input_name} is not float32, left unquantized")
+                continue
+            s = site(c.input_name)
+            s.readers.add(node.output[0])
+            s.why.append(f"input of {c.node_name}")
+            if c.op != "Conv":
+                continue
+            out = node.output[0]
+            users = ix.users.get(out, [])
+            if (len(users) == 1 and out not in ix.graph_outputs and not ix.subgraph_users.get(out)
+                    and ix.node(users[0][0]).op_type in HOP_OPS):
+                out = ix.node(users[0][0]).output[0]
+            if out in ix.graph_outputs or out not in f32:
+                notes.append(f"{c.node_name}: output {out} is a graph output or not float32, left unquantized")
+                continue
+            s = site(out)
+            s.rewire_all = True
+            s.why.append(f"output of {c.node_name}")
+    for s in sites.values():
+        src = _zero_pad_source(ix, s.tensor)
+        if src is not None and src in sites and not s.rewire_all and sites[src].pad_of is None:
+            s.pad_of = src
+    return list(sites.values()), notes
+
+
+def _zero_pad_source(ix: GraphIndex, t: str) -> str | None:
+    """The data input of the constant-mode, zero-valued Pad that produces ``t`` (else None)."""
+    p = ix.producer.get(t)
+    if p is None:
+        return None
+    n = ix.node(p)
+    if n.op_type != "Pad" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+        return None
+    mode = next((a.s for a in n.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant":
+        return None
+    if len(n.input) > 2 and n.input[2]:
+        v = ix.constant_value(n.input[2])
+        if v is None or v.size != 1 or float(v.reshape(())) != 0.0:
+            return None
+    return n.input[0]
+
+
+def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: dict[str, ActQuantParams]) -> int:
+    """Insert a QuantizeLinear -> DequantizeLinear pair per site (right after the tensor's producer, or at the
+    front for graph inputs) and rewire its readers; returns the number of pairs. Then quantize the biases of
+    Convs whose input and weight are both dequantized (see the module docstring)."""
+    fresh = NameAllocator(model)
+    g = model.graph
+    after: dict[str, list[onnx.NodeProto]] = {}
+    renamed: dict[str, tuple[str, set[str] | None]] = {}
+    names: dict[str, tuple[str, str, str]] = {}  # site -> (scale, zero point, quantized tensor)
+    ix = GraphIndex(model)
+    bypassed: set[str] = set()
+    for s in sorted(sites, key=lambda s: s.pad_of is not None):  # padded sites reuse their source's tensors
+        base = s.tensor
+        dt = fresh(f"{base}_act_dequantized")
+        if s.pad_of is not None:
+            # Pad(DQ(Q(u))) == DQ(Pad_uint8(Q(u), value=zero point)) exactly: pad the codes, skip a float round trip
+            sn, zn, uq = names[s.pad_of]
+            pad = ix.node(ix.producer[s.tensor])
+            qt = fresh(f"{base}_act_quantized")
+            new_pad = helper.make_node("Pad", [uq, pad.input[1], zn] + list(pad.input[3:]), [qt],
+                                       name=fresh(f"{pad.name or base}_uint8"))
+            dq = helper.make_node("DequantizeLinear", [qt, sn, zn], [dt], name=fresh(f"{base}_DequantizeLinear"))
+            after[s.tensor] = [new_pad, dq]
+            bypassed.add(pad.output[0])
+        else:
+            p = params[s.tensor]
+            sn, zn = fresh(f"{base}_act_scale"), fresh(f"{base}_act_zero_point")
+            qt = fresh(f"{base}_act_quantized")
+            g.initializer.extend([numpy_helper.from_array(np.array(p.scale, np.float32), sn),
+                                  numpy_helper.from_array(np.array(p.zero_point, np.uint8), zn)])
+            q = helper.make_node("QuantizeLinear", [s.tensor, sn, zn], [qt], name=fresh(f"{base}_QuantizeLinear"))
+            dq = helper.make_node("DequantizeLinear", [qt, sn, zn], [dt], name=fresh(f"{base}_DequantizeLinear"))
+            after[s.tensor] = [q, dq]
+            names[s.tensor] = (sn, zn, qt)
+        renamed[s.tensor] = (dt, None if s.rewire_all else set(s.readers))
+    for n in g.node:
+        key = n.output[0] if n.output else ""
+        for k, name in enumerate(n.input):
+            if name in renamed:
+                new, readers = renamed[name]
+                if readers is None or key in readers:
+                    n.input[k] = new
+    nodes = list(g.node)
+    inputs = {i.name for i in g.input}
+    front = [x for t, pair in after.items() if t in inputs or t not in {o for n in nodes for o in n.output}
+             for x in pair]
+    out: list[onnx.NodeProto] = list(front)
+    for n in nodes:
+        out.append(n)
+        for o in n.output:
+            if o in after:
+                out.extend(after[o])
+    del g.node[:]
+    g.node.extend(out)
+    _drop_dead(model, bypassed | {dq.output[0] for pair in after.values() for dq in pair[1:]})
+    _quantize_conv_biases(model)
+    return len(sites)
+
+
+def _drop_dead(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove the nodes producing ``candidates`` (and, transitively, what only they read) once nothing reads
+    them: a Pad bypassed by its uint8 twin, a DequantizeLinear left without readers."""
+    g = model.graph
+    while True:
+        ix = GraphIndex(model)
+        dead = [i for i, n in enumerate(g.node) if n.output and all(o in candidates and ix.use_count(o) == 0
+                                                                   for o in n.output)]
+        if not dead:
+            return
+        for i in reversed(dead):
+            candidates.update(x for x in g.node[i].input if x and x not in ix.graph_inputs)
+            del g.node[i]
+
+
+def _quantize_conv_biases(model: onnx.ModelProto) -> None:
+    ix = GraphIndex(model)
+    fresh = NameAllocator(model)
+    new_nodes: list[onnx.NodeProto] = []
+    retired: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 3 or not n.input[2]:
+            continue
+        px, pw = ix.producer.get(n.input[0]), ix.producer.get(n.input[1])
+        if px is None or pw is None:
+            continue
+        dqx, dqw = ix.node(px), ix.node(pw)
+        if dqx.op_type != "DequantizeLinear" or dqw.op_type != "DequantizeLinear":
+            continue
+        if n.input[2] not in ix.inits or ix.use_count(n.input[2]) != 1:
+            continue
+        b = ix.constant_value(n.input[2])
+        sx = ix.constant_value(dqx.input[1])
+        sw = ix.constant_value(dqw.input[1])
+        if b is None or sx is None or sw is None or b.dtype != np.float32 or sx.size != 1 or b.ndim != 1:
+            continue
+        if sw.ndim > 1 or sw.size not in (1, b.size):
+            continue  # blocked weight grids: no single scale per output channel
+        scale = np.broadcast_to(np.float32(sx.reshape(())) * sw.astype(np.float32), b.shape).astype(np.float32)
+        scale[scale == 0] = np.float32(1.0)
+        codes = np.rint(b.astype(np.float64) / scale.astype(np.float64))
+        if not np.all(np.abs(codes) < 2 ** 31 - 1):
+            continue  # the bias does not fit the int32 accumulator's grid (a near-zero weight scale): keep it float
+        codes = codes.astype(np.int32)
+        base = n.input[2]
+        qn, sn, zn, dn = (fresh(f"{base}_quantized"), fresh(f"{base}_scale"), fresh(f"{base}_zero_point"),
+                          fresh(f"{base}_dequantized"))
+        model.graph.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
+                                        numpy_helper.from_array(np.zeros(b.shape, np.int32), zn)])
+        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=fresh(f"{base}_DequantizeLinear"),
+                                          axis=0))
+        retired.add(n.input[2])
+        n.input[2] = dn
+    for dq in reversed(new_nodes):
+        model.graph.node.insert(0, dq)
+    remove_unused(model, retired)
