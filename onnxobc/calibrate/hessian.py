@@ -144,13 +144,13 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                 per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
                 step = max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.op != "Gemm" else max(len(x), 1)
                 for s in range(0, max(len(x), 1), step):
-                    cols = c.layout.unfold(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape)
-                    if cols.shape[1] != layer.cols:
+                    xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape)
+                    if xtx.shape[1] != layer.cols:
                         raise CalibrationError(
-                            f"{c.node_name}: unfolded input has {cols.shape[1]} rows, the weight has fan-in {layer.cols}"
+                            f"{c.node_name}: unfolded input has {xtx.shape[1]} rows, the weight has fan-in {layer.cols}"
                         )
-                    st.xtx += np.matmul(cols, cols.transpose(0, 2, 1))
-                    st.columns += cols.shape[2]
+                    st.xtx += xtx
+                    st.columns += ncols
             st.samples += n
         nb += 1
     if nb == 0:
