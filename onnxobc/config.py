@@ -100,6 +100,8 @@ class CompressConfig:
                     raise ValueError(f"{flag} {rx!r} is not a valid regular expression: {e}") from None
         if self.qdq and self.bits is None:
             raise ValueError("--qdq stores quantized weights: give --bits B")
+        if self.matmulnbits and self.act_bits is not None:
+            raise ValueError("--act-bits cannot be combined with --format matmulnbits (use --format qdq)")
         if self.matmulnbits and (self.bits is None or self.bits > 4):
             raise ValueError("--format matmulnbits stores 4-bit MatMul weights: give --bits 2, 3 or 4")
         if self.verify_samples < 1:

@@ -49,7 +49,8 @@ def params_from_range(lo: float, hi: float, bits: int) -> tuple[float, int]:
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= 0 or not np.isfinite(hi - lo):
         return 1.0, 0
-    scale = float(np.float32((hi - lo) / qmax))
+    # a range of a few denormals (a tensor that is all but zero) must not give a zero or denormal scale
+    scale = max(float(np.float32((hi - lo) / qmax)), float(np.finfo(np.float32).tiny))
     zp = int(np.clip(np.rint(-lo / scale), 0, qmax))
     return scale, zp
 

@@ -10,18 +10,23 @@ layers into integer kernels on CPU:
 * the output of every compressed Conv, after a directly following Relu or Clip (which ORT then folds into the
   requantization): ``DQ -> Conv -> Q`` is the pattern ORT fuses into QLinearConv (a Conv without a quantized
   output stays a float Conv). All readers of that output read the dequantized tensor, as in any W8A8 graph.
-  Graph outputs are never quantized.
+  A Conv output that is a graph output (a detection head) is quantized too and dequantized back under the
+  output's own name, so the model's interface does not change.
 
 Gemm and MatMul need no output pair: ORT fuses ``DQ -> MatMul <- DQ`` into MatMulIntegerToFloat and
 ``DQ -> Gemm <- DQ`` into QGemm with a float output.
 
-A Conv whose input and weight are both quantized also gets its bias stored as int32 codes on the grid
-``x_scale * w_scale`` (per output channel) behind a DequantizeLinear, which is what QLinearConv adds to its
-int32 accumulator; the rounding moves the bias by at most half of that (tiny) step.
+A layer whose input and weight are both quantized also gets its bias stored as int32 codes on the grid
+``x_scale * w_scale`` (per output channel) behind a DequantizeLinear, which is what the integer kernel adds to
+its int32 accumulator; the rounding moves the bias by at most half of that (tiny) step. ORT needs it: it fuses
+a Conv or Gemm only when *every* input comes from a DequantizeLinear (a float bias leaves a float Gemm behind),
+and it turns a 2-D ``MatMul -> Add(bias)`` into a Gemm (MatMulAddFusion) before the QDQ fusions run, so that
+bias (the Add's constant operand) is quantized as well. A bias that does not fit int32 (a near-dead channel
+with a tiny weight scale) gets that channel's weight scale widened until it does, as ORT's own quantizer does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -46,6 +51,7 @@ class ActSite:
     rewire_all: bool = False  # every reader reads the dequantized tensor (else only ``readers``)
     readers: set[str] = field(default_factory=set)  # first output names of the nodes to rewire
     why: list[str] = field(default_factory=list)
+    graph_output: bool = False  # a graph output: quantized under a new name, dequantized back under its own
     pad_of: str | None = None  # the output of a zero Pad of this quantized tensor: pad the uint8 codes instead
 
 
@@ -86,11 +92,12 @@ def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSit
             if (len(users) == 1 and out not in ix.graph_outputs and not ix.subgraph_users.get(out)
                     and ix.node(users[0][0]).op_type in HOP_OPS):
                 out = ix.node(users[0][0]).output[0]
-            if out in ix.graph_outputs or out not in f32:
-                notes.append(f"{c.node_name}: output {out} is a graph output or not float32, left unquantized")
+            if out not in f32 or ix.subgraph_users.get(out):
+                notes.append(f"{c.node_name}: output {out} is not float32 or used in a subgraph, left unquantized")
                 continue
             s = site(out)
             s.rewire_all = True
+            s.graph_output = out in ix.graph_outputs
             s.why.append(f"output of {c.node_name}")
     for s in sites.values():
         src = _zero_pad_source(ix, s.tensor)
@@ -120,7 +127,11 @@ def _zero_pad_source(ix: GraphIndex, t: str) -> str | None:
 def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: dict[str, ActQuantParams]) -> int:
     """Insert a QuantizeLinear -> DequantizeLinear pair per site (right after the tensor's producer, or at the
     front for graph inputs) and rewire its readers; returns the number of pairs. Then quantize the biases of
-    Convs whose input and weight are both dequantized (see the module docstring)."""
+    layers whose input and weight are both dequantized (see the module docstring).
+
+    A padded site (``pad_of``) is dequantized on its source's grid: its entry in ``params`` is replaced by the
+    source's scale, zero point and range (keeping its own observed min/max), so that a report built from
+    ``params`` afterwards says what the graph does."""
     fresh = NameAllocator(model)
     g = model.graph
     after: dict[str, list[onnx.NodeProto]] = {}
@@ -128,12 +139,17 @@ def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: 
     names: dict[str, tuple[str, str, str]] = {}  # site -> (scale, zero point, quantized tensor)
     ix = GraphIndex(model)
     bypassed: set[str] = set()
+    out_renames: list[tuple[onnx.NodeProto, str, str]] = []  # applied after the readers are rewired
     for s in sorted(sites, key=lambda s: s.pad_of is not None):  # padded sites reuse their source's tensors
         base = s.tensor
         dt = fresh(f"{base}_act_dequantized")
         if s.pad_of is not None:
             # Pad(DQ(Q(u))) == DQ(Pad_uint8(Q(u), value=zero point)) exactly: pad the codes, skip a float round trip
             sn, zn, uq = names[s.pad_of]
+            if s.tensor in params:
+                own = params[s.tensor]
+                params[s.tensor] = replace(params[s.pad_of], observed_min=own.observed_min,
+                                           observed_max=own.observed_max)
             pad = ix.node(ix.producer[s.tensor])
             qt = fresh(f"{base}_act_quantized")
             new_pad = helper.make_node("Pad", [uq, pad.input[1], zn] + list(pad.input[3:]), [qt],
@@ -147,11 +163,19 @@ def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: 
             qt = fresh(f"{base}_act_quantized")
             g.initializer.extend([numpy_helper.from_array(np.array(p.scale, np.float32), sn),
                                   numpy_helper.from_array(np.array(p.zero_point, np.uint8), zn)])
-            q = helper.make_node("QuantizeLinear", [s.tensor, sn, zn], [qt], name=fresh(f"{base}_QuantizeLinear"))
+            src = s.tensor
+            if s.graph_output:
+                # the producer writes a new name; the pair gives the graph output back under its own name, so
+                # the Conv still ends in a QuantizeLinear (an integer kernel) and the interface is unchanged
+                src = fresh(f"{base}_float")
+                out_renames.append((ix.node(ix.producer[s.tensor]), s.tensor, src))
+                dt = s.tensor
+            q = helper.make_node("QuantizeLinear", [src, sn, zn], [qt], name=fresh(f"{base}_QuantizeLinear"))
             dq = helper.make_node("DequantizeLinear", [qt, sn, zn], [dt], name=fresh(f"{base}_DequantizeLinear"))
-            after[s.tensor] = [q, dq]
+            after[src] = [q, dq]
             names[s.tensor] = (sn, zn, qt)
-        renamed[s.tensor] = (dt, None if s.rewire_all else set(s.readers))
+        if not s.graph_output:
+            renamed[s.tensor] = (dt, None if s.rewire_all else set(s.readers))
     for n in g.node:
         key = n.output[0] if n.output else ""
         for k, name in enumerate(n.input):
@@ -159,6 +183,10 @@ def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: 
                 new, readers = renamed[name]
                 if readers is None or key in readers:
                     n.input[k] = new
+    for prod, old, new in out_renames:
+        for k, o in enumerate(prod.output):
+            if o == old:
+                prod.output[k] = new
     nodes = list(g.node)
     inputs = {i.name for i in g.input}
     front = [x for t, pair in after.items() if t in inputs or t not in {o for n in nodes for o in n.output}
@@ -172,32 +200,107 @@ def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: 
     del g.node[:]
     g.node.extend(out)
     _drop_dead(model, bypassed | {dq.output[0] for pair in after.values() for dq in pair[1:]})
-    _quantize_conv_biases(model)
+    _quantize_biases(model)
     return len(sites)
 
 
 def _drop_dead(model: onnx.ModelProto, candidates: set[str]) -> None:
     """Remove the nodes producing ``candidates`` (and, transitively, what only they read) once nothing reads
-    them: a Pad bypassed by its uint8 twin, a DequantizeLinear left without readers."""
+    them: a Pad bypassed by its uint8 twin, a DequantizeLinear left without readers; and the initializers
+    that only they read (the float Pad's constant value)."""
     g = model.graph
     while True:
         ix = GraphIndex(model)
         dead = [i for i, n in enumerate(g.node) if n.output and all(o in candidates and ix.use_count(o) == 0
                                                                    for o in n.output)]
         if not dead:
-            return
+            break
         for i in reversed(dead):
             candidates.update(x for x in g.node[i].input if x and x not in ix.graph_inputs)
             del g.node[i]
+    remove_unused(model, candidates)
 
 
-def _quantize_conv_biases(model: onnx.ModelProto) -> None:
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor of the main graph whose shape is known (after shape inference, where it works)."""
+    try:
+        m = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        m = model
+    return {vi.name: len(vi.type.tensor_type.shape.dim)
+            for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+
+
+def _bias_site(ix: GraphIndex, n: onnx.NodeProto, ranks) -> tuple[onnx.NodeProto, int] | None:
+    """(node, input index) of the float bias that ORT fuses into the integer kernel of layer node ``n``."""
+    if n.op_type in ("Conv", "Gemm"):
+        if len(n.input) < 3 or not n.input[2]:
+            return None
+        if n.op_type == "Gemm":
+            attrs = {a.name: a.f for a in n.attribute if a.name in ("alpha", "beta")}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                return None  # ORT keeps such a Gemm float anyway
+        return n, 2
+    if n.op_type == "MatMul":
+        # a 2-D MatMul whose only reader is an Add of a constant: ORT makes them one Gemm (MatMulAddFusion)
+        out = n.output[0]
+        users = ix.users.get(out, [])
+        if (len(users) != 1 or out in ix.graph_outputs or ix.subgraph_users.get(out)
+                or ranks().get(n.input[0]) != 2):
+            return None
+        add = ix.node(users[0][0])
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            return None
+        return add, 1 - users[0][1]
+    return None
+
+
+_BIAS_LIMIT = 2 ** 30  # int32 bias codes, with headroom for the accumulated products
+
+
+def _widen_weight_scale(ix: GraphIndex, dqw: onnx.NodeProto, b: np.ndarray, sx: np.float32,
+                        codes: np.ndarray) -> np.ndarray | None:
+    """Raise the per-channel weight scale of the channels whose bias overflows, requantizing their int8 codes
+    in place; returns the new bias scale (x_scale * w_scale), or None when the weight is not a per-channel
+    int8 grid with zero point 0 that only this DequantizeLinear reads."""
+    qn, sn = dqw.input[0], dqw.input[1]
+    zp = ix.constant_value(dqw.input[2]) if len(dqw.input) > 2 and dqw.input[2] else None
+    q = ix.constant_value(qn)
+    sw = ix.constant_value(sn)
+    if (q is None or sw is None or q.dtype != np.int8 or (zp is not None and zp.any()) or sw.shape != b.shape
+            or ix.use_count(qn) != 1 or ix.use_count(sn) != 1 or qn not in ix.inits or sn not in ix.inits):
+        return None
+    axis = next((a.i for a in dqw.attribute if a.name == "axis"), 1)
+    axis = axis % q.ndim
+    bad = np.abs(codes) > _BIAS_LIMIT
+    new_sw = sw.astype(np.float32).copy()
+    new_sw[bad] = (np.abs(b[bad]).astype(np.float64) / (float(sx) * _BIAS_LIMIT / 2)).astype(np.float32)
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    w = q.astype(np.float32) * sw.reshape(shape)
+    new_q = np.clip(np.rint(w / new_sw.reshape(shape)), -128, 127).astype(np.int8)
+    keep = ~bad.reshape(shape) if q.ndim else ~bad
+    new_q = np.where(np.broadcast_to(keep, q.shape), q, new_q)
+    ix.inits[qn].CopyFrom(numpy_helper.from_array(new_q, qn))
+    ix.inits[sn].CopyFrom(numpy_helper.from_array(new_sw, sn))
+    return (np.float32(sx) * new_sw).astype(np.float32)
+
+
+def _quantize_biases(model: onnx.ModelProto) -> None:
     ix = GraphIndex(model)
+    known: list[dict[str, int]] = []
+
+    def ranks() -> dict[str, int]:  # shape inference only when a MatMul needs it
+        if not known:
+            known.append(_ranks(model))
+        return known[0]
+
     fresh = NameAllocator(model)
     new_nodes: list[onnx.NodeProto] = []
     retired: set[str] = set()
     for n in model.graph.node:
-        if n.op_type != "Conv" or len(n.input) < 3 or not n.input[2]:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
             continue
         px, pw = ix.producer.get(n.input[0]), ix.producer.get(n.input[1])
         if px is None or pw is None:
@@ -205,9 +308,14 @@ def _quantize_conv_biases(model: onnx.ModelProto) -> None:
         dqx, dqw = ix.node(px), ix.node(pw)
         if dqx.op_type != "DequantizeLinear" or dqw.op_type != "DequantizeLinear":
             continue
-        if n.input[2] not in ix.inits or ix.use_count(n.input[2]) != 1:
+        found = _bias_site(ix, n, ranks)
+        if found is None:
             continue
-        b = ix.constant_value(n.input[2])
+        target, k = found
+        bias = target.input[k]
+        if bias not in ix.inits or ix.use_count(bias) != 1:
+            continue
+        b = ix.constant_value(bias)
         sx = ix.constant_value(dqx.input[1])
         sw = ix.constant_value(dqw.input[1])
         if b is None or sx is None or sw is None or b.dtype != np.float32 or sx.size != 1 or b.ndim != 1:
@@ -217,18 +325,24 @@ def _quantize_conv_biases(model: onnx.ModelProto) -> None:
         scale = np.broadcast_to(np.float32(sx.reshape(())) * sw.astype(np.float32), b.shape).astype(np.float32)
         scale[scale == 0] = np.float32(1.0)
         codes = np.rint(b.astype(np.float64) / scale.astype(np.float64))
-        if not np.all(np.abs(codes) < 2 ** 31 - 1):
-            continue  # the bias does not fit the int32 accumulator's grid (a near-zero weight scale): keep it float
+        if not np.all(np.abs(codes) <= _BIAS_LIMIT):
+            # a near-dead output channel (tiny weight scale) with a real bias: its bias does not fit the int32
+            # accumulator's grid. A float bias is no way out (ONNX Runtime's own bias quantization would overflow
+            # it silently), so widen that channel's weight scale until the bias fits, as ORT's quantizer does;
+            # its weights, already tiny, move by at most half of the new step.
+            scale = _widen_weight_scale(ix, dqw, b, np.float32(sx.reshape(())), codes)
+            if scale is None:
+                continue
+            codes = np.rint(b.astype(np.float64) / scale.astype(np.float64))
         codes = codes.astype(np.int32)
-        base = n.input[2]
-        qn, sn, zn, dn = (fresh(f"{base}_quantized"), fresh(f"{base}_scale"), fresh(f"{base}_zero_point"),
-                          fresh(f"{base}_dequantized"))
+        qn, sn, zn, dn = (fresh(f"{bias}_quantized"), fresh(f"{bias}_scale"), fresh(f"{bias}_zero_point"),
+                          fresh(f"{bias}_dequantized"))
         model.graph.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
                                         numpy_helper.from_array(np.zeros(b.shape, np.int32), zn)])
-        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=fresh(f"{base}_DequantizeLinear"),
+        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=fresh(f"{bias}_DequantizeLinear"),
                                           axis=0))
-        retired.add(n.input[2])
-        n.input[2] = dn
+        retired.add(bias)
+        target.input[k] = dn
     for dq in reversed(new_nodes):
         model.graph.node.insert(0, dq)
     remove_unused(model, retired)
