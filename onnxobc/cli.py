@@ -168,6 +168,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             before = sum(t["bytes_before"] for t in result.sparse_storage)
             after = sum(t["bytes_after"] for t in result.sparse_storage)
             print(f"sparse storage: {len(result.sparse_storage)} tensors, {_fmt_bytes(before)} -> {_fmt_bytes(after)}")
+        if result.activations:
+            acts = [a for a in result.activations if "tensor" in a]
+            notes = [a["note"] for a in result.activations if "note" in a]
+            print(f"activations: {len(acts)} tensors quantized to {cfg.act_bits} bits per tensor ({cfg.act_calib} ranges)"
+                  + "".join(f"\n  note: {n}" for n in notes))
         if result.verify is not None:
             for o in result.verify["outputs"]:
                 agree = f", top-1 agreement {o['top1']:.2%}" if o.get("top1") is not None else ""

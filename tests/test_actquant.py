@@ -662,7 +662,10 @@ def test_cli_w8a8_mse_report(root, tmp_path, capsys):
     rep = tmp_path / "r.json"
     code, out = _cli(root, tmp_path, "--bits", "8", "--act-bits", "8", "--act-calib", "mse", "--samples", "64",
                      "--report", str(rep))
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "activations: 7 tensors quantized to 8 bits per tensor (mse ranges)" in captured.out
+    assert "note: /conv1/conv1.0/Conv: stem Conv" in captured.out
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     report = json.loads(rep.read_text())

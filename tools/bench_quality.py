@@ -210,8 +210,7 @@ def run_obc(model: str, spec: dict, opts: dict, out: Path, args) -> dict:
         t = time.perf_counter()
         res = compress(str(spec["model"]), str(out), str(spec["calib"]), cfg, force=True)
     secs = time.perf_counter() - t
-    flags = {"method": "--method", "sparsity": "--sparsity", "nm": "--nm", "bits": "--bits"}
-    flat = " ".join(f"{flags[k]} {v}" for k, v in opts.items())
+    flat = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in opts.items())
     cmd = f"onnxobc compress MODEL --calib CALIB {flat}"
     if fmt.get("matmulnbits"):
         cmd += " --format matmulnbits"
