@@ -183,6 +183,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         src = load_model(model)
     if config.qdq:
         src = ensure_opset(src, config.bits, config.opset, blocked=config.group_size is not None)  # a converted copy when the opset must rise
+    if config.act_bits:
+        from .export.actquant import fold_zero_pads
+
+        src = copy.deepcopy(src)  # never the caller's ModelProto
+        fold_zero_pads(src)  # zero Pads -> Conv pads, so that DQ -> Conv stays fusable (exact)
     layers, skipped = find_layers(src)
     selected = select_layers(layers, config.include, config.exclude)
     if not layers:

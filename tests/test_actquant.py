@@ -13,7 +13,7 @@ import graphs
 from onnxobc import CompressConfig, compress
 from onnxobc.calibrate.ranges import RangeObserver, fake_quant, params_from_range
 from onnxobc.cli import main
-from onnxobc.export.actquant import STEM_CHANNELS
+from onnxobc.export.actquant import MIN_INT8_FAN_IN
 from onnxobc.graph import find_layers
 
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -86,7 +86,7 @@ class G:
 
 
 def is_stem(layer):
-    return layer.op == "Conv" and layer.groups == 1 and layer.weight.shape[1] <= STEM_CHANNELS
+    return layer.op == "Conv" and layer.groups == 1 and layer.cols < MIN_INT8_FAN_IN
 
 
 def calib_feeds(model, n=32, batches=2):
@@ -326,13 +326,28 @@ def test_other_readers_of_a_quantized_input_keep_the_float_tensor():
     assert g.by_name["attn/scores/MatMul"].input[:] == ["q_heads", "k_heads"]
 
 
-def test_image_stem_keeps_float_activations():
-    model = graphs.conv2d_basic()  # 3 input channels, one group
+def gray_stem():
+    """A 3x3 Conv on a 1-channel image (fan-in 9), like the shipped model's first layer."""
+    rng = np.random.default_rng(4)
+    g_ = helper.make_graph(
+        [helper.make_node("Conv", ["X", "w", "b"], ["Y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        "gray", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 6, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((6, 1, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")])
+    return helper.make_model(g_, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+
+
+def test_tiny_fan_in_stem_keeps_float_activations():
+    model = gray_stem()
     res = w8a8(model, calib_feeds(model))
     g = G(res.extra["model"])
     assert not g.nodes("QuantizeLinear")
     assert g.op(g.by_name["conv"].input[0]) is None  # reads the graph input directly
-    assert any("stem" in a.get("note", "") for a in res.activations)
+    assert any("stem Conv with fan-in 9" in a.get("note", "") for a in res.activations)
+    # an RGB 3x3 stem (fan-in 27) is worth its integer kernel
+    rgb = w8a8(graphs.conv2d_basic(), calib_feeds(graphs.conv2d_basic()))
+    assert G(rgb.extra["model"]).nodes("QuantizeLinear") and not any("note" in a for a in rgb.activations)
 
 
 # ---- numerics -------------------------------------------------------------------------------------------
@@ -369,7 +384,7 @@ def optimized_ops(model, tmp_path, level=EXTENDED):
     ("gemm_no_bias", {"QGemm": 1}, []),
     ("matmul_3d", {"MatMulIntegerToFloat": 2}, []),
     ("bert_like", {"MatMulIntegerToFloat": 6}, []),
-    ("mixed_cnn", {"QLinearConv": 1, "QGemm": 2}, ["conv1"]),  # conv1 is the 3-channel stem
+    ("mixed_cnn", {"QLinearConv": 2, "QGemm": 2}, []),  # conv1: a 3-channel 3x3 stem, fan-in 27
 ])
 def test_onnxruntime_fuses_integer_kernels(case, expected, float_left, tmp_path):
     model = graphs.BUILDERS[case]()
@@ -433,8 +448,9 @@ def test_fmnist_accuracy(fmnist):
 
 # ---- the zero-Pad path ----------------------------------------------------------------------------------
 
-def pad_model(mode="constant", value=None, hop=None):
-    """X -> conv1 (-> Relu/Clip) -> Pad(1 each side) -> conv2 (no pads) -> Y; 8 channels (not a stem)."""
+def pad_model(mode="constant", value=None, hop=None, pad_output=False):
+    """X -> conv1 (-> Relu/Clip) -> Pad(1 each side) -> conv2 (no pads) -> Y; 8 channels (not a stem).
+    ``pad_output``: the padded tensor is also a graph output (so the Pad cannot be folded into conv2)."""
     rng = np.random.default_rng(9)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32), "w1"),
              numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b1"),
@@ -455,15 +471,19 @@ def pad_model(mode="constant", value=None, hop=None):
         nodes.append(helper.make_node(hop, ["c1"] + (["lo", "hi"] if hop == "Clip" else []), ["h"], name="hop"))
     nodes += [helper.make_node("Pad", pad_in, ["p"], name="pad", mode=mode),
               helper.make_node("Conv", ["p", "w2", "b2"], ["Y"], name="conv2", kernel_shape=[3, 3])]
+    outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8, 6, 6])]
+    if pad_output:
+        outs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 8, 8, 8]))
     g = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 8, 6, 6])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits)
+                          outs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
 
 
 @pytest.mark.parametrize("value, hop, act_calib", [(None, None, "minmax"), (0.0, None, "percentile"),
                                                    (None, "Relu", "minmax"), (0.0, "Clip", "mse")])
 def test_zero_pad_pads_the_uint8_codes(value, hop, act_calib, tmp_path):
-    model = pad_model(value=value, hop=hop)
+    """A zero Pad that cannot be folded into the Conv (its output is also read elsewhere) pads the uint8 codes."""
+    model = pad_model(value=value, hop=hop, pad_output=True)
     onnx.checker.check_model(model, full_check=True)
     res = w8a8(model, calib_feeds(model), act_calib=act_calib)
     out = res.extra["model"]
@@ -476,22 +496,21 @@ def test_zero_pad_pads_the_uint8_codes(value, hop, act_calib, tmp_path):
     assert pad.op_type == "Pad" and q.op_type == "QuantizeLinear" and q.input[0] == "h"
     assert pad.input[2] == q.input[2] == dq.input[2]  # pads with the zero point: dequantizes to exactly 0
     assert list(dq.input[1:]) == list(q.input[1:])
-    assert len(g.nodes("Pad")) == 1  # the float Pad is gone
+    assert len(g.nodes("Pad")) == 2  # the float Pad still feeds the graph output "p"
+    assert g.producer["p"].name == "pad"
     zp = int(g.inits[q.input[2]])
     assert (zp == 0) if hop else (zp > 0)  # signed conv output: a non-trivial zero point
     # the report gives the padded tensor the grid the graph uses (its source's)
     rep = {a["tensor"]: a for a in res.activations if "tensor" in a}
     assert (rep["p"]["scale"], rep["p"]["zero_point"]) == (float(g.inits[q.input[1]]), zp) == \
         (rep["h"]["scale"], rep["h"]["zero_point"])
-    used = {i for n in out.graph.node for i in n.input}
-    assert all(t.name in used for t in out.graph.initializer)  # the float Pad's constant left with it
-    # ORT: conv1 (+ hop) -> QLinearConv, the Pad stays on uint8 codes, conv2 (a graph output, quantized and
+    used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    assert all(t.name in used for t in out.graph.initializer)
+    # ORT: conv1 (+ hop) -> QLinearConv, a Pad on its uint8 codes, conv2 (a graph output, quantized and
     # dequantized back under its name) -> QLinearConv reading the padded codes
     opt = G(optimized_ops(out, tmp_path))
-    assert [n.op_type for n in opt.nodes("QLinearConv") + opt.nodes("Pad") + opt.nodes("Conv")] == \
-        ["QLinearConv", "QLinearConv", "Pad"]
-    opt_pad = opt.nodes("Pad")[0]
-    assert opt.op(opt_pad.input[0]) == "QLinearConv"
+    assert len(opt.nodes("QLinearConv")) == 2 and not opt.nodes("Conv")
+    opt_pad = next(n for n in opt.nodes("Pad") if opt.op(n.input[0]) == "QLinearConv")
     assert opt.nodes("QLinearConv")[1].input[0] == opt_pad.output[0]
     feed = graphs.make_feed(model, 6, seed=11)
     # Pad_uint8(Q(h), zp) dequantized == Pad(DQ(Q(h))): zero borders, the quantized interior
@@ -506,6 +525,45 @@ def test_zero_pad_pads_the_uint8_codes(value, hop, act_calib, tmp_path):
     basic = run(out, feed)[0]
     assert rel(basic, reference(out, feed)[0]) < 1e-5
     assert min_cosine(basic, run(model, feed)[0]) > 0.99
+
+
+@pytest.mark.parametrize("value, hop", [(None, None), (0.0, "Relu"), (0.0, "Clip")])
+def test_zero_pad_folds_into_the_conv(value, hop, tmp_path):
+    """A zero Pad read only by a Conv becomes that Conv's pads (exact), so DQ -> Conv stays fusable; the
+    caller's model is not touched."""
+    model = pad_model(value=value, hop=hop)
+    before = model.SerializeToString()
+    out = w8a8(model, calib_feeds(model)).extra["model"]
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    g = G(out)
+    assert not g.nodes("Pad") and "pads" not in g.inits and "pad_value" not in g.inits
+    conv2 = g.by_name["conv2"]
+    assert next(a.ints for a in conv2.attribute if a.name == "pads") == [1, 1, 1, 1]
+    dq = g.producer[conv2.input[0]]
+    assert dq.op_type == "DequantizeLinear" and g.op(dq.input[0]) == "QuantizeLinear"
+    assert g.producer[dq.input[0]].input[0] == "h"
+    feed = graphs.make_feed(model, 6, seed=11)
+    basic = run(out, feed)[0]
+    assert rel(basic, reference(out, feed)[0]) < 1e-5
+    assert min_cosine(basic, run(model, feed)[0]) > 0.99
+    opt = G(optimized_ops(out, tmp_path))
+    assert len(opt.nodes("QLinearConv")) == 2 and not opt.nodes("Pad") and not opt.nodes("Conv")
+
+
+def test_pads_that_cannot_fold_stay():
+    from onnxobc.export.actquant import fold_zero_pads
+
+    for kw in (dict(mode="reflect"), dict(value=0.5), dict(pad_output=True)):
+        m = pad_model(**kw)
+        assert fold_zero_pads(m) == 0 and len([n for n in m.graph.node if n.op_type == "Pad"]) == 1
+    m = pad_model()
+    # channel padding is not a Conv padding
+    next(t for t in m.graph.initializer if t.name == "pads").CopyFrom(
+        numpy_helper.from_array(np.array([0, 1, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    assert fold_zero_pads(m) == 0
+    m = pad_model()
+    assert fold_zero_pads(m) == 1 and not [n for n in m.graph.node if n.op_type == "Pad"]
 
 
 @pytest.mark.parametrize("mode, value", [("constant", 0.5), ("reflect", None), ("edge", None)])
@@ -533,7 +591,7 @@ def test_conv_and_gemm_biases_become_int32_codes():
     out = w8a8(model, calib_feeds(model)).extra["model"]
     g = G(out)
     orig = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for name, bias in (("conv2", "conv2.bias"), ("fc1", "fc1.bias"), ("fc2", "fc2.bias")):
+    for name, bias in (("conv1", "conv1.bias"), ("conv2", "conv2.bias"), ("fc1", "fc1.bias"), ("fc2", "fc2.bias")):
         node = g.by_name[name]
         xdq, wdq, bdq = (g.producer[i] for i in node.input)
         assert bdq.op_type == "DequantizeLinear", name
@@ -544,8 +602,9 @@ def test_conv_and_gemm_biases_become_int32_codes():
         assert next(a.i for a in bdq.attribute if a.name == "axis") == 0
         assert np.all(np.abs(codes * scale.astype(np.float64) - orig[bias]) <= scale / 2 * (1 + 1e-6))
         assert bias not in g.inits  # the float bias is gone
-    # the stem keeps its float bias (its input is not quantized)
-    assert g.by_name["conv1"].input[2] == "conv1.bias"
+    # a tiny-fan-in stem keeps its float bias (its input is not quantized)
+    gray = G(w8a8(gray_stem(), calib_feeds(gray_stem())).extra["model"])
+    assert gray.by_name["conv"].input[2] == "b"
 
 
 def test_matmul_add_bias_int32_only_where_ort_fuses_it(root):

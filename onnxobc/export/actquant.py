@@ -6,7 +6,8 @@ layers into integer kernels on CPU:
 * the activation input of every compressed layer (Conv, Gemm, MatMul): ``DQ(x) -> Conv/Gemm/MatMul <- DQ(w)``;
   only the layer's own nodes read the quantized copy, other readers of the tensor (a residual Add, say) keep
   the float tensor;
-* except for an image stem (a Conv with at most ``STEM_CHANNELS`` input channels), which stays float;
+* except for a Conv with a tiny fan-in (fewer than ``MIN_INT8_FAN_IN`` inputs per output, e.g. a 3x3 conv on a
+  gray image), which stays float;
 * the output of every compressed Conv, after a directly following Relu or Clip (which ORT then folds into the
   requantization): ``DQ -> Conv -> Q`` is the pattern ORT fuses into QLinearConv (a Conv without a quantized
   output stays a float Conv). All readers of that output read the dequantized tensor, as in any W8A8 graph.
@@ -37,10 +38,12 @@ from ..graph.layers import GraphIndex, Layer
 from .writeback import NameAllocator, remove_unused
 
 HOP_OPS = ("Relu", "Clip")
-# A Conv with this few input channels (an image stem: gray or RGB) keeps float activations: its fan-in is a few
-# dozen at most, and ONNX Runtime's QLinearConv ran 2.5x slower than the float Conv on the shipped model's
-# 1-channel stem (858 vs 336 us per batch of 64), while every other layer got 1-5x faster.
-STEM_CHANNELS = 4
+# A dense (group 1) Conv with a fan-in this small keeps float activations: ONNX Runtime's int8 GEMM pads the
+# reduction to its tile size, and on the shipped model's 3x3 stem over a 1-channel image (fan-in 9) QLinearConv ran
+# 2.5x slower than the float Conv (858 vs 336 us per batch of 64), while EfficientNet's RGB stem (fan-in 27) was
+# faster in int8 (1.7 vs 2.4 ms per batch of 8). Depthwise convs (fan-in 9 per group) use a different kernel and
+# are fast in int8.
+MIN_INT8_FAN_IN = 16
 
 
 @dataclass
@@ -61,6 +64,65 @@ def _float32_tensors(model: onnx.ModelProto) -> set[str]:
     return {k for k, v in tensor_types(model).items() if v == TensorProto.FLOAT}
 
 
+def fold_zero_pads(model: onnx.ModelProto) -> int:
+    """Fold every constant-zero ``Pad`` of the spatial dims whose only reader is a Conv (``auto_pad`` NOTSET) into
+    that Conv's ``pads`` attribute, in place; returns how many were folded. Exact (the Conv pads with zeros
+    too), and it keeps ``DQ -> Conv`` adjacent so ONNX Runtime can fuse an integer kernel (a Pad between them,
+    float or uint8, costs as much as the conv itself on EfficientNet: TF-style "same" padding is a Pad node)."""
+    ix = GraphIndex(model)
+    folded: list[int] = []
+    dead: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or not n.input:
+            continue
+        pads = _spatial_zero_pads(ix, n.input[0])
+        if pads is None:
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        auto = attrs["auto_pad"].s if "auto_pad" in attrs else b"NOTSET"
+        nd = len(pads) // 2
+        if auto not in (b"NOTSET", b"") or len(pads) % 2:
+            continue
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * nd)
+        if len(old) != 2 * nd:
+            continue
+        pad_idx = ix.producer[n.input[0]]
+        pad = ix.node(pad_idx)
+        new = [a + b for a, b in zip(old, pads)]
+        for a in list(n.attribute):
+            if a.name == "pads":
+                n.attribute.remove(a)
+        n.attribute.append(helper.make_attribute("pads", new))
+        dead.update(x for x in pad.input if x)
+        n.input[0] = pad.input[0]
+        folded.append(pad_idx)
+    for i in sorted(folded, reverse=True):
+        del model.graph.node[i]
+    remove_unused(model, dead)
+    return len(folded)
+
+
+def _spatial_zero_pads(ix: GraphIndex, t: str) -> list[int] | None:
+    """The spatial [begins..., ends...] of the constant-zero Pad producing ``t``, when it pads only spatial dims
+    (of a rank >= 3 tensor), by non-negative amounts, and ``t`` has no other reader; else None."""
+    if t in ix.graph_outputs or len(ix.users.get(t, [])) != 1 or ix.subgraph_users.get(t):
+        return None
+    if _zero_pad_source(ix, t) is None:
+        return None
+    n = ix.node(ix.producer[t])
+    if len(n.input) > 3 and n.input[3]:
+        return None  # explicit axes (opset 18): rare, not folded
+    p = ix.constant_value(n.input[1])
+    if p is None or p.ndim != 1 or p.size % 2 or p.size < 6:
+        return None
+    r = p.size // 2
+    p = [int(v) for v in p]
+    begins, ends = p[:r], p[r:]
+    if any(v < 0 for v in p) or begins[:2] != [0, 0] or ends[:2] != [0, 0]:
+        return None
+    return begins[2:] + ends[2:]
+
+
 def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSite], list[str]]:
     """The activation tensors to quantize for ``layers`` (see the module docstring), and notes on the ones
     left in float (not float32, graph outputs)."""
@@ -73,8 +135,8 @@ def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSit
         return sites.setdefault(t, ActSite(t))
 
     for layer in layers:
-        if layer.op == "Conv" and layer.groups == 1 and layer.weight.shape[1] <= STEM_CHANNELS:
-            notes.append(f"{layer.name}: stem Conv with {layer.weight.shape[1]} input channel(s) keeps float activations "
+        if layer.op == "Conv" and layer.groups == 1 and layer.cols < MIN_INT8_FAN_IN:
+            notes.append(f"{layer.name}: stem Conv with fan-in {layer.cols} keeps float activations "
                          "(its integer kernel is slower than the float one)")
             continue
         for c in layer.consumers:
