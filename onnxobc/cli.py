@@ -122,7 +122,7 @@ def _config_from_args(args: argparse.Namespace):
         accuracy_level=args.accuracy_level, opset=args.opset,
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
-        act_percentile=args.act_percentile,
+        act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
     )
 
 
@@ -151,7 +151,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         rows = []
         for l in result.layers:
             bits = str(l.bits) if l.bits else "-"
-            rows.append([l.name, l.op, l.shape, l.method, f"{l.sparsity:.1%}", bits, f"{l.error:.2e}",
+            rows.append([l.name, l.op, l.shape, l.method, f"{l.sparsity:.1%}", bits, "-" if l.error is None else f"{l.error:.2e}",
                          f"{l.seconds:.2f}", l.note])
         print(format_table(["layer", "op", "shape", "method", "sparsity", "bits", "error", "seconds", "note"], rows,
                            right={4, 5, 6, 7}))
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
     g.add_argument("--grid", choices=["minmax", "mse"], default="minmax", help="grid range: min-max or MSE search")
     g.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    g.add_argument("--no-layer-error", action="store_true",
+                   help="do not compute the per-layer error column: with --method rtn or magnitude (which need no "
+                        "Hessian) calibration then only runs the model, several times faster on large CNNs")
     g.add_argument("--include", metavar="REGEX", help="only layers whose node or weight name matches")
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")

@@ -58,6 +58,7 @@ class CompressConfig:
     sparse_storage: bool = False
     token_mask: str | None = "auto"
     verify_samples: int = 64
+    layer_error: bool = True
     act_bits: int | None = None
     act_calib: str = "minmax"
     act_percentile: float = 99.99

@@ -45,7 +45,7 @@ class LayerReport:
     method: str
     sparsity: float  # fraction of zero weights after compression
     bits: int | None
-    error: float  # ||W X - W' X||^2 / ||W X||^2 on the calibration data
+    error: float | None  # ||W X - W' X||^2 / ||W X||^2 on the calibration data (None: --no-layer-error)
     seconds: float
     note: str = ""
     written: str = ""
@@ -116,7 +116,8 @@ def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> t
     return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), grid, note
 
 
-def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, float, str, LayerGrid | None]:
+def compress_layer(layer: Layer, H: np.ndarray | None, cfg: CompressConfig
+                   ) -> tuple[np.ndarray, float | None, str, LayerGrid | None]:
     """Compress every group of ``layer`` given its Hessians (groups x C x C); returns the new weight as the
     consumers see it, the relative layer error ||WX - W'X||^2 / ||WX||^2, a note, and the quantization grid
     (one per output channel, None without --bits)."""
@@ -144,7 +145,7 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
     work, Hw = mats, H
     if perm is not None:
         work = mats[:, :, perm]
-        Hw = H[:, perm][:, :, perm]
+        Hw = H[:, perm][:, :, perm] if H is not None else None
     if cfg.method == "exact":
         new, grid, extra = _exact(work, Hw, cfg, layer.name)
         note = "; ".join(x for x in (note, extra) if x)
@@ -152,13 +153,15 @@ def compress_layer(layer: Layer, H: np.ndarray, cfg: CompressConfig) -> tuple[np
         new, grid = _baseline(work, cfg)
     if perm is not None:
         new = new[:, :, np.argsort(perm)]
+    w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
+    if H is None:  # a baseline without Hessians (--no-layer-error)
+        return w_new, None, note, grid
     num = den = 0.0
     for g in range(layer.groups):
         a, b = error_terms(mats[g], new[g], H[g])
         num += a
         den += b
     err = num / den if den > 0 else 0.0
-    w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
     return w_new, float(err), note, grid
 
 
@@ -214,7 +217,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         observers.append(RangeObserver([s.tensor for s in sites]))
     stats = collect_hessians(src, selected, batches, progress=progress,
                              total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                             observers=observers)
+                             observers=observers, hessians=config.method == "exact" or config.layer_error)
     t_cal = time.perf_counter() - t_cal
     samples = next(iter(stats.values())).samples
 
@@ -226,7 +229,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     for layer in progress(selected, "compressing", len(selected)):
         st = stats[layer.name]
         t = time.perf_counter()
-        w_new, err, note, grid = compress_layer(layer, st.hessian(), config)
+        w_new, err, note, grid = compress_layer(layer, st.hessian() if st.has_hessian else None, config)
         if config.matmulnbits and mnb_supports(layer, grid):
             written = "MatMulNBits " + replace_with_matmulnbits(out_model, layer, w_new, grid, dead,
                                                                 accuracy_level=config.accuracy_level)

@@ -38,6 +38,11 @@ class LayerStats:
         return self.xtx * (2.0 / max(self.samples, 1))
 
     @property
+    def has_hessian(self) -> bool:
+        """False when collected with ``hessians=False`` (counts only)."""
+        return self.xtx.shape[1] > 0
+
+    @property
     def positions_per_sample(self) -> float:
         return self.columns / max(self.samples, 1)
 
@@ -97,12 +102,16 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                      *, providers: list[str] | None = None,
                      progress: Callable[[Iterable, str, int | None], Iterable] | None = None,
                      total: int | None = None, token_mask: str | None = None,
-                     observers: list | None = None) -> dict[str, LayerStats]:
+                     observers: list | None = None, hessians: bool = True) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
 
     ``observers`` (e.g. :class:`~onnxobc.calibrate.ranges.RangeObserver`) name extra ``tensors`` to fetch and
     get ``update(values, token_mask)`` after every batch, in the same pass over the data.
+
+    ``hessians=False`` only counts samples and columns (for MAC counts), leaving ``xtx`` empty: the data-free
+    baselines need no Hessian unless a per-layer error is wanted, and the im2col products are the bulk of
+    calibrating a CNN.
 
     With ``token_mask`` (a [batch, sequence] input, see :func:`find_token_mask`), MatMul/Gemm inputs of shape
     [batch, sequence, ...] keep only the positions of real tokens: padding never reaches the deployed model's
@@ -114,7 +123,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     aug, fetch = augment(model, wanted)
     sess = make_session(aug, providers)
     stats = {
-        layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols), dtype=np.float64)) for layer in layers
+        layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols) if hessians else (layer.groups, 0, 0),
+                                        dtype=np.float64)) for layer in layers
     }
     it: Iterable = batches
     if progress is not None:
@@ -140,6 +150,12 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                     x = x[mask]  # real tokens only: (tokens, ..., K)
                 if layer.op == "MatMul" and x.shape[-1] != layer.weight.shape[0]:
                     raise CalibrationError(f"{c.node_name}: input has last dim {x.shape[-1]}, weight expects {layer.weight.shape[0]}")
+                if not hessians:
+                    if c.layout.op == "Conv":
+                        st.columns += len(x) * c.layout.positions_per_sample(x.shape, layer.weight.shape)
+                    else:
+                        st.columns += x.size // max(layer.cols, 1)
+                    continue
                 # unfold a slice of samples at a time so im2col of large feature maps stays within a budget
                 per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
                 step = max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.op != "Gemm" else max(len(x), 1)
