@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--act-bits", type=int, choices=[8], metavar="8",
                    help="also quantize activations to 8 bits with static per-tensor ranges from the calibration data: "
                         "QuantizeLinear/DequantizeLinear pairs on the inputs of compressed layers (and Conv outputs) "
-                        "that ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat; needs --bits 8, "
+                        "that ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat; needs --bits 8 (stored as "
+                        "symmetric int8), "
                         "implies --format qdq")
     a.add_argument("--act-calib", choices=["minmax", "percentile", "mse"], default="minmax",
                    help="activation range: observed min-max (default), a percentile, or the MSE-optimal clipping")
