@@ -741,3 +741,19 @@ def test_cli_w8a8_mse_report(root, tmp_path, capsys):
     assert any("stem" in a.get("note", "") for a in report["activations"])
     x = np.load(root / "models" / "fmnist_test.npz")["image"][:64]
     assert min_cosine(run(model, {"image": x}, ALL)[0], run(str(root / "models" / "fmnist_cnn.onnx"), {"image": x})[0]) > 0.99
+
+
+def test_pruned_w8a8_with_sparse_storage_is_exact_and_fuses(root, tmp_path):
+    """2:4 + W8A8 + --sparse-storage on the shipped model: the compact encoding decodes to the same int8 codes
+    (same outputs), and ORT still fuses integer kernels once the decode subgraph is constant-folded."""
+    path = str(root / "models" / "fmnist_cnn.onnx")
+    feeds = [{"image": np.load(root / "models" / "fmnist_calib.npz")["image"][:64]}]
+    dense = w8a8(path, feeds, method="magnitude", nm=(2, 4))
+    packed = w8a8(path, feeds, method="magnitude", nm=(2, 4), sparse_storage=True)
+    assert packed.sparse_storage and packed.extra["model"].ByteSize() < 0.7 * dense.extra["model"].ByteSize()
+    onnx.checker.check_model(packed.extra["model"], full_check=True)
+    feed = {"image": np.load(root / "models" / "fmnist_test.npz")["image"][:32]}
+    for a, b in zip(run(dense.extra["model"], feed, ALL), run(packed.extra["model"], feed, ALL)):
+        np.testing.assert_array_equal(a, b)
+    ops = [n.op_type for n in optimized_ops(packed.extra["model"], tmp_path).graph.node]
+    assert ops.count("QLinearConv") == 4 and "QGemm" in ops
