@@ -127,8 +127,6 @@ class CompressConfig:
                                  "integer kernels are 8-bit)")
             if self.bits != 8:
                 raise ValueError("--act-bits 8 is the W8A8 path: give --bits 8 too (integer kernels need 8-bit weights)")
-            if self.matmulnbits:
-                raise ValueError("--act-bits cannot be combined with --format matmulnbits (use --format qdq)")
             object.__setattr__(self, "qdq", True)  # activation Q/DQ pairs only make sense with QDQ weights
             # integer kernels want int8 weights with zero point 0 (u8s8): asymmetric uint8 weights ran a generic
             # QLinearConv path 11x slower than float on the shipped model's depthwise conv

@@ -253,9 +253,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if config.act_bits:
         from .export.actquant import insert_activation_qdq
 
-        params = {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
-                  for s in sites}
-        insert_activation_qdq(out_model, sites, params)
+        params = insert_activation_qdq(out_model, sites, {
+            s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
+            for s in sites})
         act_report = [dict(tensor=s.tensor, used_as=s.why, **asdict(params[s.tensor])) for s in sites]
         act_report += [dict(note=n) for n in act_notes]
     sparse_report = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ACT_CALIB = ("minmax", "percentile", "mse")
+from ..config import ACT_CALIB
 
 _PER_BATCH = 1 << 16  # sampled values per tensor and batch
 _MAX_SAMPLE = 1 << 20  # values kept per tensor
@@ -89,7 +89,8 @@ class RangeObserver:
             if x.size == 0:
                 continue
             st = self.stats[t]
-            finite = x[np.isfinite(x)] if not np.isfinite(x).all() else x
+            ok = np.isfinite(x)
+            finite = x if ok.all() else x[ok]
             if finite.size == 0:
                 continue
             st.lo = min(st.lo, float(finite.min()))

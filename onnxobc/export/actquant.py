@@ -72,19 +72,17 @@ def fold_zero_pads(model: onnx.ModelProto) -> int:
     ix = GraphIndex(model)
     folded: list[int] = []
     dead: set[str] = set()
-    for i, n in enumerate(model.graph.node):
+    for n in model.graph.node:
         if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or not n.input:
             continue
         pads = _spatial_zero_pads(ix, n.input[0])
         if pads is None:
             continue
         attrs = {a.name: a for a in n.attribute}
-        auto = attrs["auto_pad"].s if "auto_pad" in attrs else b"NOTSET"
-        nd = len(pads) // 2
-        if auto not in (b"NOTSET", b"") or len(pads) % 2:
+        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"NOTSET", b""):
             continue
-        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * nd)
-        if len(old) != 2 * nd:
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * len(pads)
+        if len(old) != len(pads):
             continue
         pad_idx = ix.producer[n.input[0]]
         pad = ix.node(pad_idx)
@@ -186,14 +184,16 @@ def _zero_pad_source(ix: GraphIndex, t: str) -> str | None:
     return n.input[0]
 
 
-def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: dict[str, ActQuantParams]) -> int:
+def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: dict[str, ActQuantParams]
+                          ) -> dict[str, ActQuantParams]:
     """Insert a QuantizeLinear -> DequantizeLinear pair per site (right after the tensor's producer, or at the
-    front for graph inputs) and rewire its readers; returns the number of pairs. Then quantize the biases of
-    layers whose input and weight are both dequantized (see the module docstring).
+    front for graph inputs) and rewire its readers. Then quantize the biases of layers whose input and weight
+    are both dequantized (see the module docstring).
 
-    A padded site (``pad_of``) is dequantized on its source's grid: its entry in ``params`` is replaced by the
-    source's scale, zero point and range (keeping its own observed min/max), so that a report built from
-    ``params`` afterwards says what the graph does."""
+    Returns the parameters each site's tensor is dequantized with, for reports: those of ``params``, except
+    that a padded site (``pad_of``) uses its source's scale, zero point and range (keeping its own observed
+    min/max). ``params`` itself is not changed."""
+    params = dict(params)
     fresh = NameAllocator(model)
     g = model.graph
     after: dict[str, list[onnx.NodeProto]] = {}
@@ -263,7 +263,7 @@ def insert_activation_qdq(model: onnx.ModelProto, sites: list[ActSite], params: 
     g.node.extend(out)
     _drop_dead(model, bypassed | {dq.output[0] for pair in after.values() for dq in pair[1:]})
     _quantize_biases(model)
-    return len(sites)
+    return params
 
 
 def _drop_dead(model: onnx.ModelProto, candidates: set[str]) -> None:

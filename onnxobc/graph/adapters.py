@@ -115,7 +115,7 @@ class OpLayout:
 
         Same as ``unfold`` followed by ``cols @ cols^T``, but for Conv without materialising the (groups, C,
         samples * positions) transpose of the im2col buffer: the product is accumulated sample by sample on
-        the buffer as built (a 2-3x faster calibration on EfficientNet-sized feature maps)."""
+        the buffer as built (EfficientNet-Lite0 calibration: about 70 s instead of 93 s)."""
         if self.op != "Conv":
             cols = self.unfold(x, weight_shape)
             return np.matmul(cols, cols.transpose(0, 2, 1)), cols.shape[2]
