@@ -112,18 +112,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _config_from_args(args: argparse.Namespace):
     from .config import CompressConfig
+    from .engine.spec import spec_fields
+    from .plan import load_plan
 
+    per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}  # the options LayerSpec defines
     return CompressConfig(
-        method=args.method, sparsity=args.sparsity, nm=args.nm, block_size=args.block_size, bits=args.bits,
-        group_size=args.group_size,
-        sym=args.sym, grid=args.grid, damp=args.damp, samples=args.samples, batch_size=args.batch_size,
-        include=args.include, exclude=args.exclude, device=args.device, dtype=args.dtype,
+        **per_layer, samples=args.samples, batch_size=args.batch_size,
+        include=args.include, exclude=args.exclude,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
+        plan=None if args.plan is None else load_plan(args.plan),
     )
+
+
+def _add_spec_arguments(group) -> None:
+    """One argument per LayerSpec field, spelled and documented as its metadata says."""
+    from .engine.spec import spec_fields
+
+    for f in spec_fields():
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if meta.get("action") == "store_true":
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kw = dict(default=f.default, help=meta["help"])
+        if meta.get("choices"):
+            kw["choices"] = list(meta["choices"])
+        if meta.get("type") is not None:
+            kw["type"] = meta["type"]
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        group.add_argument(flag, **kw)
 
 
 def _default_output(model: str) -> str:
@@ -160,8 +182,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         macs = [l.macs for l in result.layers]
         print(f"\n{len(result.layers)} layers compressed ({_fmt_int(tot_params)} weights, {zeros / max(tot_params, 1):.1%} "
               f"zero{'' if None in macs else f', {_fmt_int(sum(macs))} MACs/sample'}), "
-              f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected; {result.samples} calibration samples"
+              f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected{' or skipped by the plan' if cfg.plan else ''}; {result.samples} calibration samples"
               + (f" (padding masked by '{result.token_mask}')" if result.token_mask else ""))
+        if result.cost and result.cost.get("bytes") is not None:
+            c = result.cost
+            line = (f"weights stored: {_fmt_bytes(c['bytes'])} of {_fmt_bytes(c['dense_bytes'])} in fp32 "
+                    f"({c['bytes'] / max(c['dense_bytes'], 1):.1%})")
+            if c.get("eff_macs") is not None and c.get("macs"):
+                line += f"; MACs x density {c['eff_macs'] / c['macs']:.1%} of dense"
+            print(line + (" (before sparse storage)" if result.sparse_storage else ""))
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
         if result.sparse_storage:
@@ -309,26 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="[batch, sequence] input whose zeros mark padding tokens to leave out of the statistics of "
                          "MatMul/Gemm layers (default auto: an input named attention_mask; 'none' to disable)")
     g = pc.add_argument_group("what to do")
-    g.add_argument("--sparsity", type=float, metavar="S", help="fraction of weights to zero per layer, e.g. 0.5")
-    g.add_argument("--nm", metavar="N:M", help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")
-    g.add_argument("--block-size", type=int, metavar="B", help="zero weights in blocks of B consecutive inputs (with --sparsity)")
-    g.add_argument("--bits", type=int, metavar="B", help="quantize weights to B bits (2..8), per output channel")
-    g.add_argument("--group-size", type=int, metavar="G",
-                   help="with --bits: one scale and zero point per G consecutive inputs of each output channel "
-                        "(group-wise, e.g. 32 or 128) instead of one per channel; stored as blocked DequantizeLinear "
-                        "(opset 21) or MatMulNBits blocks. Convs whose Cin/groups G does not divide stay per-channel")
-    g.add_argument("--method", choices=["exact", "magnitude", "rtn"], default="exact",
-                   help="exact: ExactOBS/OBQ (default); magnitude / rtn: the baselines")
-    g.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
-    g.add_argument("--grid", choices=["minmax", "mse"], default="minmax", help="grid range: min-max or MSE search")
-    g.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    _add_spec_arguments(g)
     g.add_argument("--no-layer-error", action="store_true",
                    help="do not compute the per-layer error column: with --method rtn or magnitude (which need no "
                         "Hessian) calibration then only runs the model, several times faster on large CNNs")
     g.add_argument("--include", metavar="REGEX", help="only layers whose node or weight name matches")
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (cuda needs CuPy)")
-    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="engine working precision")
+    g.add_argument("--plan", metavar="FILE",
+                   help="per-layer options: a JSON (or YAML) list of rules, first match wins, e.g. "
+                        "[{\"match\": \"conv1$\", \"bits\": 8}, {\"match\": \"fc\", \"skip\": true}, "
+                        "{\"match\": \".\", \"bits\": 4, \"group_size\": 32}]; keys are the options above "
+                        "(method, sparsity, nm, block_size, bits, group_size, sym, grid, damp, dtype, device), and "
+                        "replace the global ones for the matching layers (null clears one); layers no rule matches "
+                        "get the global options. A --report's 'plan' key is such a list (one rule per layer): "
+                        "--plan REPORT.json reuses it")
     a = pc.add_argument_group("activation quantization (W8A8)")
     a.add_argument("--act-bits", type=int, choices=[8], metavar="8",
                    help="also quantize activations to 8 bits with static per-tensor ranges from the calibration data: "

@@ -1,8 +1,9 @@
-"""Compose graph -> calibrate -> engine -> export. Nothing else lives here."""
+"""Compose graph -> plan -> calibrate -> solve -> apply. Nothing else lives here."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -14,18 +15,15 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .backend import get_xp, to_numpy
+from .backend import get_xp
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
 from .config import CompressConfig
-from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
-from .engine.metrics import error_terms
+from .engine import LayerResult, LayerSpec, Problem, solve
 from .errors import UnsupportedModel, UsageError
-from .export.matmulnbits import replace_with_matmulnbits
-from .export.matmulnbits import supports as mnb_supports
-from .export.qdq import group_size_problem
-from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
+from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes
+from .plan import plan_rules, resolve
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +47,8 @@ class LayerReport:
     seconds: float
     note: str = ""
     written: str = ""
+    notes: list = field(default_factory=list)  # the note as data: [{kind, text, value}]
+    cost: dict | None = None  # LayerCost: macs, eff_macs, bops, bytes, dense_bytes, storage
 
 
 @dataclass
@@ -68,101 +68,16 @@ class CompressResult:
     token_mask: str | None = None  # the input whose zeros marked padding left out of the Hessians
     verify: dict | None = None  # dense vs compressed outputs on calibration samples (--verify)
     activations: list | None = None  # one entry per quantized activation tensor (--act-bits)
-    extra: dict = field(default_factory=dict)
+    plan: list | None = None  # the plan that was used, one rule per layer (--plan format)
+    cost: dict | None = None  # totals of the layers' costs
+    extra: dict = field(default_factory=dict)  # not part of the report: 'model' holds the compressed ModelProto
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(dataclasses.replace(self, extra={}))  # never a deep copy of the model
 
 
 def _identity_progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     return it
-
-
-def _baseline(mats: np.ndarray, cfg: CompressConfig) -> tuple[np.ndarray, LayerGrid | None]:
-    """Magnitude pruning (one threshold over the whole layer, all groups) and/or RTN of the survivors."""
-    g, r, c = mats.shape
-    out = mats.reshape(g * r, c)
-    mask = None
-    if cfg.nm is not None:
-        out = magnitude_prune_nm(out, *cfg.nm)
-        mask = out != 0
-    elif cfg.sparsity is not None:
-        out = magnitude_prune(out, cfg.sparsity)
-        mask = out != 0
-    grid = None
-    if cfg.bits is not None:
-        out, gr = rtn_quantize(out, cfg.bits, sym=cfg.sym, grid_method=cfg.grid, mask=mask, group_size=cfg.group_size)
-        grid = LayerGrid(np.asarray(gr.scale, np.float32), np.asarray(gr.zero_point), gr.bits, gr.sym, cfg.group_size)
-    return out.reshape(g, r, c), grid
-
-
-def _exact(mats: np.ndarray, H: np.ndarray, cfg: CompressConfig, name: str) -> tuple[np.ndarray, LayerGrid | None, str]:
-    """The OBC engine on every group (one global mask over the groups for unstructured/block sparsity)."""
-    from .engine import compress_groups
-
-    xp = get_xp(cfg.device)
-    res = compress_groups(
-        [xp.asarray(m) for m in mats], [xp.asarray(h) for h in H], sparsity=cfg.sparsity, nm=cfg.nm,
-        block_size=cfg.block_size, bits=cfg.bits, sym=cfg.sym, grid_method=cfg.grid, damp=cfg.damp, name=name,
-        dtype=cfg.dtype, group_size=cfg.group_size,
-    )
-    damps = [r.info.get("damp", cfg.damp) for r in res]
-    note = f"damp raised to {max(damps):g}" if max(damps) > cfg.damp else ""
-    grid = None
-    if all(r.grid is not None for r in res):
-        grid = LayerGrid(np.concatenate([to_numpy(r.grid.scale).astype(np.float32) for r in res]),
-                         np.concatenate([to_numpy(r.grid.zero_point) for r in res]), res[0].grid.bits, res[0].grid.sym,
-                         cfg.group_size)
-    return np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res]), grid, note
-
-
-def compress_layer(layer: Layer, H: np.ndarray | None, cfg: CompressConfig
-                   ) -> tuple[np.ndarray, float | None, str, LayerGrid | None]:
-    """Compress every group of ``layer`` given its Hessians (groups x C x C); returns the new weight as the
-    consumers see it, the relative layer error ||WX - W'X||^2 / ||WX||^2, a note, and the quantization grid
-    (one per output channel, None without --bits)."""
-    mats = layer.layout.to_matrices(layer.weight).astype(np.float32)
-    m = cfg.nm[1] if cfg.nm else cfg.block_size
-    note = ""
-    if m and layer.cols % m:
-        what = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else f"block {cfg.block_size}"
-        note = f"C={layer.cols} is not a multiple of {m} ({what})"
-        if cfg.bits is None:
-            return layer.weight.copy(), 0.0, f"left dense: {note}", None
-        note = f"not pruned: {note}"
-        cfg = CompressConfig(method="rtn" if cfg.method == "magnitude" else cfg.method, bits=cfg.bits, sym=cfg.sym,
-                             grid=cfg.grid, damp=cfg.damp, device=cfg.device, dtype=cfg.dtype,
-                             group_size=cfg.group_size)
-    if cfg.group_size is not None:
-        why = group_size_problem(layer, cfg.group_size)
-        if why:
-            note = "; ".join(x for x in (note, f"per-channel grid: {why}") if x)
-            cfg = dataclasses.replace(cfg, group_size=None)
-    # N:M and block patterns, and quantization groups, run along input channels at each kernel tap
-    # (channels-last), as sparse kernels and blocked DequantizeLinear expect
-    perm = (layer.layout.channels_last_perm(layer.weight.shape) if (cfg.nm or cfg.block_size or cfg.group_size)
-            else None)
-    work, Hw = mats, H
-    if perm is not None:
-        work = mats[:, :, perm]
-        Hw = H[:, perm][:, :, perm] if H is not None else None
-    if cfg.method == "exact":
-        new, grid, extra = _exact(work, Hw, cfg, layer.name)
-        note = "; ".join(x for x in (note, extra) if x)
-    else:
-        new, grid = _baseline(work, cfg)
-    if perm is not None:
-        new = new[:, :, np.argsort(perm)]
-    w_new = layer.layout.from_matrices(new.astype(layer.weight.dtype), layer.weight.shape)
-    if H is None:  # a baseline without Hessians (--no-layer-error)
-        return w_new, None, note, grid
-    num = den = 0.0
-    for g in range(layer.groups):
-        a, b = error_terms(mats[g], new[g], H[g])
-        num += a
-        den += b
-    err = num / den if den > 0 else 0.0
-    return w_new, float(err), note, grid
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None, calib: Any,
@@ -172,122 +87,164 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     the compressed ModelProto is in ``result.extra['model']``). The input model is never modified."""
     progress = progress or _identity_progress
     t0 = time.perf_counter()
-    in_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    out_path = None
-    if output is not None:
-        out_path = check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [], force)
-    if isinstance(model, onnx.ModelProto):
-        src = model
-        try:
-            onnx.checker.check_model(src)
-        except onnx.checker.ValidationError as e:
-            raise UnsupportedModel(f"the model is not a valid ONNX model: {str(e).strip().splitlines()[0]}") from e
-    else:
-        src = load_model(model)
-    if config.qdq:
-        src = ensure_opset(src, config.bits, config.opset, blocked=config.group_size is not None)  # a converted copy when the opset must rise
-    if config.act_bits:
-        from .export.actquant import fold_zero_pads
-
-        src = copy.deepcopy(src)  # never the caller's ModelProto
-        fold_zero_pads(src)  # zero Pads -> Conv pads, so that DQ -> Conv stays fusable (exact)
-    layers, skipped = find_layers(src)
-    selected = select_layers(layers, config.include, config.exclude)
-    if not layers:
-        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv layer with a constant weight "
-                         f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
-    if not selected:
-        raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
-    if config.device == "cuda":
-        get_xp("cuda")  # fail early and clearly when there is no GPU
-    if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
-        raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
-                         "iterator or reader")
-    specs = input_specs(src)
-    total = count_samples(calib, specs, config.samples) if isinstance(calib, (str, os.PathLike)) else None
-    batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
+    is_proto = isinstance(model, onnx.ModelProto)
+    out_path = None if output is None else check_output_path(output, [] if is_proto else [model], force)
+    original = _load(model)
+    in_name = "<ModelProto>" if is_proto else str(model)
+    work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=is_proto or config.verify)
+    todo = [l for l in selected if specs[l.name] is not None]
     t_cal = time.perf_counter()
-    token_mask = find_token_mask(src, config.token_mask)
-    observers, sites, act_notes = [], [], []
-    if config.act_bits:
-        from .calibrate.ranges import RangeObserver
-        from .export.actquant import plan_sites
-
-        sites, act_notes = plan_sites(src, selected)
-        observers.append(RangeObserver([s.tensor for s in sites]))
-    stats = collect_hessians(src, selected, batches, progress=progress,
-                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                             observers=observers, hessians=config.method == "exact" or config.layer_error)
+    stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
-    samples = next(iter(stats.values())).samples
-
-    out_model = copy.deepcopy(src)
-    reports: list[LayerReport] = []
-    dead: set[str] = set()
-    dq_nodes: list = []
     t_eng = time.perf_counter()
-    for layer in progress(selected, "compressing", len(selected)):
-        st = stats[layer.name]
+    solved = {}
+    for layer in progress(todo, "compressing", len(todo)):
         t = time.perf_counter()
-        w_new, err, note, grid = compress_layer(layer, st.hessian() if st.has_hessian else None, config)
-        if config.matmulnbits and mnb_supports(layer, grid):
-            written = "MatMulNBits " + replace_with_matmulnbits(out_model, layer, w_new, grid, dead,
-                                                                accuracy_level=config.accuracy_level)
-        elif config.qdq and grid is not None:
-            dq_nodes.append(add_qdq_weight(out_model, layer, w_new, grid, dead))
-            written = f"QDQ {dq_nodes[-1].input[0]}"
-        else:
-            written = write_back(out_model, layer, w_new, dead)
-        macs = layer.static_macs()
-        if macs is None:
-            macs = int(round(st.positions_per_sample * layer.params))
-        reports.append(LayerReport(
-            name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
-            method=config.describe() if not note.startswith("left dense") else "dense",
-            sparsity=float(np.mean(w_new == 0)), bits=config.bits if not note.startswith("left dense") else None,
-            error=err, seconds=time.perf_counter() - t, note=note, written=written,
-        ))
-    insert_nodes(out_model, dq_nodes)
-    remove_unused(out_model, dead)
-    act_report = None
-    if config.act_bits:
-        from .export.actquant import insert_activation_qdq
-
-        params = insert_activation_qdq(out_model, sites, {
-            s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
-            for s in sites})
-        act_report = [dict(tensor=s.tensor, used_as=s.why, **asdict(params[s.tensor])) for s in sites]
-        act_report += [dict(note=n) for n in act_notes]
-    sparse_report = None
-    if config.sparse_storage:
-        from .export.sparse import sparse_encode
-
-        out_model, sparse_report = sparse_encode(out_model)
+        solved[layer.name] = (_solve(layer, specs[layer.name], stats[layer.name], config), time.perf_counter() - t)
+    weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
+    out_model, written = apply(work, todo, weights, ExportOptions.of(config),
+                               activations=act and (act[0], act[1]()))
     t_eng = time.perf_counter() - t_eng
-    verify = None
-    if config.verify:
-        # before anything is written: a model that ONNX Runtime cannot load or run never reaches the disk
-        from .evaluate import evaluate
-
-        t_ver = time.perf_counter()
-        ev = evaluate(src, out_model, calib, batch_size=config.batch_size,
-                      max_samples=config.verify_samples, latency_runs=0)
-        verify = ev.to_dict()
-        verify["seconds"] = time.perf_counter() - t_ver
+    verify = _verify(original, out_model, calib, config) if config.verify else None  # before anything is written
     result = CompressResult(
-        input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,
-        skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if l not in selected],
+        input=in_name, output=str(out_path) if out_path else None,
+        config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights[l.name][0], stats[l.name],
+                                                 written.layers[l.name], config) for l in todo],
+        skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
-        input_bytes=model_file_bytes(model) if not isinstance(model, onnx.ModelProto) else src.ByteSize(),
+        input_bytes=original.ByteSize() if is_proto else model_file_bytes(model), verify=verify,
+        sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
+        plan=plan_rules([l.name for l in layers], specs),
     )
+    result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
         save_model_atomic(out_model, out_path)
         result.output_bytes = model_file_bytes(out_path)
     result.seconds["total"] = time.perf_counter() - t0
-    if verify is not None:
-        result.verify = verify
-    if sparse_report is not None:
-        result.sparse_storage = sparse_report
-    result.activations = act_report
     result.extra["model"] = out_model
     return result
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if not isinstance(model, onnx.ModelProto):
+        return load_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise UnsupportedModel(f"the model is not a valid ONNX model: {str(e).strip().splitlines()[0]}") from e
+    return model
+
+
+def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, copy_needed: bool
+          ) -> tuple[onnx.ModelProto, list[Layer], list, list[Layer], dict[str, LayerSpec | None]]:
+    """The model to edit (converted to the opset the plan's storage needs, zero Pads folded for W8A8), its
+    layers, the skipped candidates, the selected layers and every layer's spec (None: left as it is)."""
+    layers, skipped = find_layers(original)
+    if not layers:
+        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv layer with a constant weight "
+                         f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
+    selected = select_layers(layers, config.include, config.exclude)
+    if not selected:
+        raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
+    names = {l.name for l in selected}
+    specs = resolve([l.name for l in selected], config, config.plan, check=config.check_export,
+                    force_sym=config.act_bits is not None)
+    specs.update({l.name: None for l in layers if l.name not in names})
+    quantized = [s for s in specs.values() if s is not None and s.bits is not None]
+    if config.qdq and not quantized:
+        raise UsageError("--qdq stores quantized weights: give --bits B")
+    if any(s is not None and s.device == "cuda" for s in specs.values()):
+        get_xp("cuda")  # fail early and clearly when there is no GPU
+    work = original
+    if config.qdq:  # a converted copy when the opset must rise
+        work = ensure_opset(work, min(s.bits for s in quantized), config.opset,
+                            blocked=any(s.group_size is not None for s in quantized))
+    if config.act_bits:
+        from .export.actquant import fold_zero_pads
+
+        work = copy.deepcopy(work) if (work is original and copy_needed) else work
+        fold_zero_pads(work)  # zero Pads -> Conv pads, so that DQ -> Conv stays fusable (exact)
+    elif work is original and copy_needed:
+        work = copy.deepcopy(work)  # the one copy: calibration reads it, then apply edits it
+    if work is not original:  # node indices may have moved: find the layers again, same weights
+        by_weight = {l.weight_name: specs[l.name] for l in layers}
+        layers, skipped = find_layers(work)
+        specs = {l.name: by_weight[l.weight_name] for l in layers}
+        selected = [l for l in layers if l.weight_name in {s.weight_name for s in selected}]
+    return work, layers, skipped, selected, specs
+
+
+def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
+               progress: Progress):
+    """Run the model on the calibration data: Hessians (or counts), and W8A8 activation ranges.
+    Returns (stats per layer, (sites, params thunk, notes) or None, samples, token mask input)."""
+    if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
+        raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
+                         "iterator or reader")
+    ins = input_specs(model)
+    total = count_samples(calib, ins, config.samples) if isinstance(calib, (str, os.PathLike)) else None
+    batches = iter_batches(calib, ins, batch_size=config.batch_size, max_samples=config.samples)
+    token_mask = find_token_mask(model, config.token_mask)
+    observers, act = [], None
+    if config.act_bits:
+        from .calibrate.ranges import RangeObserver
+        from .export.actquant import plan_sites
+
+        sites, notes = plan_sites(model, todo)
+        observers.append(RangeObserver([s.tensor for s in sites]))
+        act = (sites, lambda: {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib,
+                                                             config.act_percentile) for s in sites},
+               [dict(note=n) for n in notes])
+    need_h = config.layer_error or any(specs[l.name].method == "exact" for l in todo)
+    stats = collect_hessians(model, todo, batches, progress=progress,
+                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
+                             observers=observers, hessians=need_h)
+    return stats, act, next(iter(stats.values())).samples, token_mask
+
+
+def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
+    """One layer through the engine: its matrices, Hessians and channels-last column order as a Problem."""
+    H = st.hessian() if st.has_hessian and (spec.method == "exact" or config.layer_error) else None
+    problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
+                      layer.layout.channels_last_perm(layer.weight.shape),
+                      functools.partial(layer.layout.group_size_problem, layer.weight.shape))
+    return solve(problem, spec)
+
+
+def _weight(layer: Layer, res: LayerResult) -> np.ndarray:
+    """The new weight as the consumers see it."""
+    return layer.layout.from_matrices(res.mats.astype(layer.weight.dtype), layer.weight.shape)
+
+
+def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_new: np.ndarray, st, written: str,
+            config: CompressConfig) -> LayerReport:
+    macs = layer.static_macs()
+    if macs is None:
+        macs = int(round(st.positions_per_sample * layer.params))
+    applied = None if res.dense else res.spec
+    opts = ExportOptions.of(config)
+    cost = layer_cost(layer, applied, storage_format(layer, None if applied is None else applied.bits, opts), macs,
+                      config.act_bits)
+    return LayerReport(
+        name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
+        method="dense" if res.dense else config.spec_label(spec), sparsity=float(np.mean(w_new == 0)),
+        bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, note=res.note, written=written,
+        notes=[asdict(n) for n in res.notes], cost=asdict(cost),
+    )
+
+
+def _total(values: list) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib: Any, config: CompressConfig) -> dict:
+    """Dense vs compressed on calibration samples: a model ONNX Runtime cannot load or run never reaches the disk."""
+    from .evaluate import evaluate
+
+    t = time.perf_counter()
+    ev = evaluate(reference, candidate, calib, batch_size=config.batch_size, max_samples=config.verify_samples,
+                  latency_runs=0)
+    out = ev.to_dict()
+    out["seconds"] = time.perf_counter() - t
+    return out

@@ -165,15 +165,15 @@ def test_verify_prints_agreement_and_reports_strict_json(tiny, capsys):
 
 
 def test_verify_stops_a_broken_graph_before_it_is_written(tiny, capsys, monkeypatch):
-    import onnxobc.pipeline as pl
+    from onnxobc.export.writeback import GraphEdit
 
-    real = pl.insert_nodes
+    real = GraphEdit.finish
 
-    def sabotage(model, nodes):  # a graph ONNX Runtime cannot run: a consumer reads a missing tensor
-        real(model, nodes)
-        model.graph.node[-1].input[0] = "does_not_exist"
+    def sabotage(self):  # a graph ONNX Runtime cannot run: a consumer reads a missing tensor
+        real(self)
+        self.model.graph.node[-1].input[0] = "does_not_exist"
 
-    monkeypatch.setattr(pl, "insert_nodes", sabotage)
+    monkeypatch.setattr(GraphEdit, "finish", sabotage)
     path, calib = tiny
     out = path.with_name("broken.onnx")
     code = main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--bits", "8", "--verify"])

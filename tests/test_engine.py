@@ -17,6 +17,8 @@ from onnxobc.engine.grid import apply_grid, fit_grid, quantize
 from onnxobc.engine.hessian import prepare
 from onnxobc.engine.metrics import layer_error
 from onnxobc.engine.obs import trace_blocks, trace_unstructured
+from onnxobc.engine.reference import (damped, global_states, naive_blocks, naive_group_grid, naive_minmax_params,
+                                      naive_obq, naive_obs)
 from onnxobc.errors import NumericalError
 
 DAMP = 0.01
@@ -34,104 +36,6 @@ def make_problem(rows: int, c: int, seed: int, *, dead: tuple[int, ...] = (), n:
     H = 2.0 * X @ X.T / n
     w = rng.standard_normal((rows, c)).astype(np.float32)
     return w, H
-
-
-def damped(H: np.ndarray, w: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """Sec. 0 by the letter: dead inputs, then relative damping (float64)."""
-    H = H.copy()
-    w = w.astype(np.float64).copy()
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    return H + damp * np.mean(np.diag(H)) * np.eye(len(H)), w
-
-
-# ---------------------------------------------------------------------------------- naive references
-def naive_obs(Hd: np.ndarray, w: np.ndarray, allowed=None, steps: int | None = None):
-    """Greedy OBS on one row, re-inverting H_FF at every step. ``allowed(pruned, j)`` may forbid a weight."""
-    c = len(w)
-    w = w.copy()
-    free = np.ones(c, bool)
-    order, losses, states = [], [], [w.copy()]
-    for _ in range(c if steps is None else steps):
-        F = np.nonzero(free)[0]
-        Hi = np.linalg.inv(Hd[np.ix_(F, F)])
-        sc = w[F] ** 2 / np.diag(Hi)
-        if allowed is not None:
-            sc = np.where([allowed(~free, j) for j in F], sc, np.inf)
-        i = int(np.argmin(sc))
-        q = F[i]
-        order.append(q)
-        losses.append(sc[i] / 2)
-        w[F] -= w[q] / Hi[i, i] * Hi[i]
-        w[q] = 0.0
-        free[q] = False
-        states.append(w.copy())
-    return np.array(order), np.array(losses), states
-
-
-def naive_blocks(Hd: np.ndarray, w: np.ndarray, bs: int):
-    """Greedy block OBS on one row (sec. 2), re-inverting H_FF at every step."""
-    c = len(w)
-    w = w.copy()
-    free = np.ones(c // bs, bool)
-    order, losses, states = [], [], [w.copy()]
-    for _ in range(c // bs):
-        F = np.nonzero(np.repeat(free, bs))[0]
-        Hi = np.linalg.inv(Hd[np.ix_(F, F)])
-        wf = w[F]
-        best = None
-        for bi, b in enumerate(np.nonzero(free)[0]):
-            loc = np.arange(bi * bs, bi * bs + bs)
-            sc = 0.5 * wf[loc] @ np.linalg.solve(Hi[np.ix_(loc, loc)], wf[loc])
-            if best is None or sc < best[0]:
-                best = (sc, b, loc)
-        sc, b, loc = best
-        coef = np.linalg.solve(Hi[np.ix_(loc, loc)], wf[loc])
-        w[F] = wf - coef @ Hi[loc]
-        w[b * bs:(b + 1) * bs] = 0.0
-        free[b] = False
-        order.append(b)
-        losses.append(sc)
-        states.append(w.copy())
-    return np.array(order), np.array(losses), states
-
-
-def naive_obq(Hd: np.ndarray, w: np.ndarray, s, z, maxq: int, kept: np.ndarray | None = None):
-    """Greedy OBQ on one row with the outlier rule (sec. 3); masked weights frozen at 0 and out of H.
-
-    ``s`` and ``z``: the row's scale and zero point, scalars or one per column (group-wise grids)."""
-    c = len(w)
-    w = w.copy()
-    s = np.broadcast_to(np.asarray(s, np.float64), (c,))
-    z = np.broadcast_to(np.asarray(z, np.float64), (c,))
-    fixed = np.zeros(c, bool) if kept is None else ~kept
-    w[fixed] = 0.0
-    order, losses = [], []
-    while not fixed.all():
-        F = np.nonzero(~fixed)[0]
-        Hi = np.linalg.inv(Hd[np.ix_(F, F)])
-        wf = w[F]
-        sf, zf = s[F], z[F]
-        qv = sf * (np.clip(np.rint(wf / sf) + zf, 0, maxq) - zf)
-        e2 = (wf - qv) ** 2
-        i = int(np.argmax(e2)) if np.any(e2 > 0.25 * sf * sf) else int(np.argmin(e2 / np.diag(Hi)))
-        q = F[i]
-        order.append(q)
-        losses.append(e2[i] / Hi[i, i] / 2)
-        w[F] -= (wf[i] - qv[i]) / Hi[i, i] * Hi[i]
-        w[q] = qv[i]
-        fixed[q] = True
-    return np.array(order), np.array(losses), w
-
-
-def global_states(traces, k: int):
-    """Sec. 1 global selection over naive traces: (final weights, total loss)."""
-    L = np.array([t[1] for t in traces])
-    rows, steps = L.shape
-    counts = np.bincount(np.argsort(L.ravel(), kind="stable")[:k] // steps, minlength=rows)
-    W = np.array([traces[r][2][counts[r]] for r in range(rows)])
-    return W, sum(L[r, :counts[r]].sum() for r in range(rows))
 
 
 def rel(a, b) -> float:
@@ -492,33 +396,6 @@ def test_groups_select_one_global_mask():
 
 
 # ---------------------------------------------------------------------------------- group-wise grids
-def naive_group_grid(w: np.ndarray, bits: int, gs: int, *, sym: bool = False, method: str = "minmax",
-                     mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group loop: every group of ``gs`` columns (the last may be partial) fitted as a matrix of its own."""
-    c = w.shape[1]
-    scales, zeros = [], []
-    for j0 in range(0, c, gs):
-        sl = slice(j0, min(j0 + gs, c))
-        g = fit_grid(w[:, sl], bits, sym=sym, method=method, mask=None if mask is None else mask[:, sl])
-        scales.append(g.scale)
-        zeros.append(g.zero_point)
-    return np.stack(scales, axis=1), np.stack(zeros, axis=1)
-
-
-def naive_minmax_params(x: np.ndarray, bits: int, sym: bool) -> tuple[float, float]:
-    """Sec. 3 by the letter for one group: range including 0, scale = range / maxq, z = round(-min / s)."""
-    maxq = 2 ** bits - 1
-    lo, hi = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
-    if sym:
-        hi = max(-lo, hi)
-        lo = -hi
-    if hi == lo:
-        lo, hi = -1.0, 1.0
-    s = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(maxq))
-    z = float((maxq + 1) // 2) if sym else float(np.rint(-np.float32(lo) / s))
-    return float(s), z
-
-
 @pytest.mark.parametrize("method", ["minmax", "mse"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("sym", [False, True])

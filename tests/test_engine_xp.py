@@ -15,10 +15,12 @@ from onnxobc.engine import compress_weight, prepare_hessian, prune_blocks, prune
 from onnxobc.engine.grid import fit_grid, quantize
 from onnxobc.errors import NumericalError
 
+from onnxobc.engine.reference import damped, global_states, naive_blocks, naive_obq, naive_obs
+
 try:  # run from the repository root (python -m pytest) or with tests/ on sys.path
-    from tests.test_engine import damped, global_states, make_problem, naive_blocks, naive_obq, naive_obs
+    from tests.test_engine import make_problem
 except ImportError:  # pragma: no cover
-    from test_engine import damped, global_states, make_problem, naive_blocks, naive_obq, naive_obs
+    from test_engine import make_problem
 
 
 def _cupy_or_skip():

@@ -224,20 +224,19 @@ def _grouped_rtn(layer, bits: int, sym: bool, gs: int):
 def _fake_and_blocked(model, bits: int, sym: bool, gs: int):
     import copy
 
-    from onnxobc.export import add_qdq_weight, insert_nodes, remove_unused, write_back
+    from onnxobc.export import GraphEdit, add_qdq_weight, write_back
     from onnxobc.graph import find_layers
 
     layers, _ = find_layers(model)
     fake, qdq = copy.deepcopy(model), copy.deepcopy(model)
-    dead_f, dead_q, dqs, grids = set(), set(), [], []
+    ef, eq, grids = GraphEdit(fake), GraphEdit(qdq), []
     for layer in layers:
         w_new, grid = _grouped_rtn(layer, bits, sym, gs)
-        write_back(fake, layer, w_new, dead_f)
-        dqs.append(add_qdq_weight(qdq, layer, w_new, grid, dead_q))
+        write_back(ef, layer, w_new)
+        add_qdq_weight(eq, layer, w_new, grid)
         grids.append((layer, w_new, grid))
-    remove_unused(fake, dead_f)
-    insert_nodes(qdq, dqs)
-    remove_unused(qdq, dead_q)
+    ef.finish()
+    eq.finish()
     return fake, qdq, grids
 
 
@@ -308,7 +307,7 @@ def test_blocked_qdq_full_optimisation(bits):
 
 def test_blocked_qdq_opset_and_validation():
     from onnxobc.errors import NumericalError
-    from onnxobc.export import add_qdq_weight
+    from onnxobc.export import GraphEdit, add_qdq_weight
     from onnxobc.export.qdq import codes_for, group_size_problem, required_opset
     from onnxobc.graph import find_layers
 
@@ -321,14 +320,14 @@ def test_blocked_qdq_opset_and_validation():
     (layer,), _ = (lambda r: ([r[0][0]], r[1]))(find_layers(old))
     w_new, grid = _grouped_rtn(layer, 8, False, 4)
     with pytest.raises(UsageError, match="opset >= 21"):
-        add_qdq_weight(old, layer, w_new, grid, set())
+        add_qdq_weight(GraphEdit(old), layer, w_new, grid)
     # a Conv block must not straddle kernel taps
     conv = _blocked_case("conv")
     (clayer,), _ = find_layers(conv)
     assert group_size_problem(clayer, 4) is None and "straddle" in group_size_problem(clayer, 3)
     w_c, g_c = _grouped_rtn(clayer, 8, False, 3)
     with pytest.raises(UsageError, match="does not divide"):
-        add_qdq_weight(conv, clayer, w_c, g_c, set())
+        add_qdq_weight(GraphEdit(conv), clayer, w_c, g_c)
     (l1,), _ = find_layers(_blocked_case("conv_1x1"))
     assert group_size_problem(l1, 3) is None  # one tap: a partial last block is fine
     # off-grid weights are refused
@@ -345,7 +344,7 @@ def test_blocked_qdq_opset_and_validation():
 def test_matmulnbits_blocks_equal_fake_quant(gs, bits, sym):
     import copy
 
-    from onnxobc.export import remove_unused, write_back
+    from onnxobc.export import GraphEdit, write_back
     from onnxobc.export.matmulnbits import replace_with_matmulnbits
     from onnxobc.graph import find_layers
 
@@ -354,12 +353,12 @@ def test_matmulnbits_blocks_equal_fake_quant(gs, bits, sym):
     (layer,), _ = find_layers(model)
     w_new, grid = _grouped_rtn(layer, bits, sym, gs)
     fake, out = copy.deepcopy(model), copy.deepcopy(model)
-    dead = set()
-    write_back(fake, layer, w_new, dead)
-    remove_unused(fake, dead)
-    dead = set()
-    replace_with_matmulnbits(out, layer, w_new, grid, dead)
-    remove_unused(out, dead)
+    edit = GraphEdit(fake)
+    write_back(edit, layer, w_new)
+    edit.finish()
+    edit = GraphEdit(out)
+    replace_with_matmulnbits(edit, layer, w_new, grid)
+    edit.finish()
     onnx.checker.check_model(out)
     (mnb,) = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: a.i for a in mnb.attribute}
@@ -376,6 +375,7 @@ def test_matmulnbits_blocks_equal_fake_quant(gs, bits, sym):
 
 @pytest.mark.parametrize("gs", [8, 24])
 def test_matmulnbits_rejects_bad_block_size(gs):
+    from onnxobc.export import GraphEdit
     from onnxobc.export.matmulnbits import replace_with_matmulnbits
     from onnxobc.graph import find_layers
 
@@ -383,4 +383,4 @@ def test_matmulnbits_rejects_bad_block_size(gs):
     (layer,), _ = find_layers(model)
     w_new, grid = _grouped_rtn(layer, 4, False, gs)
     with pytest.raises(ValueError, match="power of two >= 16"):
-        replace_with_matmulnbits(model, layer, w_new, grid, set())
+        replace_with_matmulnbits(GraphEdit(model), layer, w_new, grid)

@@ -1,6 +1,7 @@
 """The numerical engine: exact greedy pruning and quantization of one layer (ALGORITHMS.md sec. 0-4).
 
-Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no printing. The pipeline calls:
+Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no printing. The pipeline calls
+:func:`solve` (one layer under a :class:`LayerSpec`, the method looked up in :data:`SOLVERS`); below it:
 
 - :func:`prepare_hessian` - dead inputs, damping with escalation, inverse (sec. 0);
 - :func:`prune_unstructured` - ExactOBS with a global mask (sec. 1);
@@ -9,15 +10,22 @@ Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no p
 - :func:`compress_weight` - one entry point for all of the above and their compound;
 - :func:`compress_groups` - the same for grouped layers, one global mask over all groups;
 
-each returning an :class:`EngineResult`.
+each returning an :class:`EngineResult`. Naive reference implementations live in :mod:`.reference`.
 """
 from .hessian import prepare_hessian
 from .obq import quantize_obq
-from .obs import compress_groups, compress_weight, prune_blocks, prune_nm, prune_unstructured
+from .obs import prune_blocks, prune_nm, prune_unstructured
 from .result import EngineResult
+from .solver import SOLVERS, LayerResult, Note, Problem, compress_groups, compress_weight, register_solver, solve
+from .spec import LayerSpec
 
 __all__ = [
     "EngineResult",
+    "LayerResult",
+    "LayerSpec",
+    "Note",
+    "Problem",
+    "SOLVERS",
     "compress_groups",
     "compress_weight",
     "prepare_hessian",
@@ -25,4 +33,6 @@ __all__ = [
     "prune_nm",
     "prune_unstructured",
     "quantize_obq",
+    "register_solver",
+    "solve",
 ]

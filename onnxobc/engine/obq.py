@@ -15,7 +15,7 @@ from . import _greedy as G
 from ._blas import blas_threads
 from .grid import fit_grid
 from .hessian import masked_inverses, prepare
-from .obs import _check_layer, _finish, _info
+from .common import check_layer, finish, info
 from .result import EngineResult
 
 __all__ = ["quantize_obq"]
@@ -40,7 +40,7 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
     consecutive columns, see :class:`~onnxobc.engine.grid.Grid`), fitted once up front like the per-row
     grid (static groups); each weight is rounded on its own group's grid, the greedy order is unchanged.
     """
-    rows, c = _check_layer(w, H, name)
+    rows, c = check_layer(w, H, name)
     work = G.working_dtype(dtype)
     xp = xp_of(w, H)
     if mask is not None:
@@ -130,7 +130,7 @@ def quantize_obq(w: Any, H: Any, bits: int, *, sym: bool = False, grid_method: s
                       ([(len(r), K) for r, K in plan], G.nbuf_for(xp, plan[0][1]), work))
     total = sum(totals)
     out = scale_c * (codes.astype(scale_c.dtype) - zero_c)  # exactly the grid's dequantization (see docstring)
-    out = _finish(xp, w, out, name)
+    out = finish(xp, w, out, name)
     clock.lap("trace")
-    return EngineResult(out, grid, total, _info(prep, steps=c, bits=int(bits), zeros=int((out == 0).sum()),
+    return EngineResult(out, grid, total, info(prep, steps=c, bits=int(bits), zeros=int((out == 0).sum()),
                                                 seconds=clock.laps))

@@ -1,5 +1,4 @@
-"""Exact greedy pruning with Optimal Brain Surgeon updates (ALGORITHMS.md sec. 1-2) and the engine's single
-entry point :func:`compress_weight`.
+"""Exact greedy pruning with Optimal Brain Surgeon updates (ALGORITHMS.md sec. 1-2).
 
 All routines are pure: arrays in (NumPy or CuPy, inferred from the inputs), an :class:`EngineResult` out.
 The greedy loops themselves live in :mod:`onnxobc.engine._greedy` (delayed updates, sec. 4).
@@ -11,58 +10,13 @@ from typing import Any
 import numpy as np
 
 from ..backend import xp_of
-from ..errors import NumericalError
 from . import _greedy as G
 from ._blas import blas_threads
-from .grid import check_group_size
+from .common import check_layer, check_sparsity, finish, global_counts, info, row_batches
 from .hessian import Prepared, prepare, reconstruct
 from .result import EngineResult
 
-__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "compress_weight", "compress_groups"]
-
-
-# ------------------------------------------------------------------------------------------------- helpers
-def _check_sparsity(sparsity: float) -> float:
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return s
-
-
-def _check_layer(w: Any, H: Any, name: str) -> tuple[int, int]:
-    if getattr(w, "ndim", 0) != 2:
-        raise ValueError(f"{name}: weight must be a 2-D rows x C array, got shape {getattr(w, 'shape', None)}")
-    rows, c = w.shape
-    if tuple(H.shape) != (c, c):
-        raise ValueError(f"{name}: Hessian must be {c} x {c} for a weight of shape {tuple(w.shape)}, "
-                         f"got {tuple(H.shape)}")
-    return rows, c
-
-
-def _global_counts(xp: Any, losses: Any, k: int) -> Any:
-    """Sec. 1: how many of each row's steps are among the k smallest (row, step) losses of the layer
-    (ties broken by position, so the count is exact and deterministic)."""
-    rows, steps = losses.shape
-    sel = xp.argsort(losses.ravel(), kind="stable")[:k]
-    return xp.bincount(sel // steps, minlength=rows)
-
-
-def _info(prep: Prepared, **more: Any) -> dict:
-    info = {"damp": prep.damp, "dead": int(prep.dead.sum())}
-    info.update(more)
-    return info
-
-
-def _finish(xp: Any, w_in: Any, w_new: Any, name: str) -> Any:
-    out = w_new.astype(w_in.dtype, copy=False)
-    if not bool(xp.all(xp.isfinite(out))):
-        raise NumericalError(f"{name}: the compressed weights are not finite; raise --damp or use dtype='float64'")
-    return out
-
-
-def _row_batches(rows: int, R: int):
-    for r0 in range(0, rows, R):
-        yield slice(r0, min(rows, r0 + R))
+__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "global_prune"]
 
 
 # ------------------------------------------------------------------------------------------------ traces
@@ -90,11 +44,11 @@ def trace_unstructured(prep: Prepared, work: np.dtype) -> tuple[Any, Any]:
         losses[rr] = 0.5 * losses[rr] ** 2
 
     with blas_threads(1):
-        G.run_batches(xp, list(_row_batches(rows, R)), batch, ([(R, c)], G.nbuf_for(xp, c), work))
+        G.run_batches(xp, list(row_batches(rows, R)), batch, ([(R, c)], G.nbuf_for(xp, c), work))
     return order, losses
 
 
-def _global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: float, name: str,
+def global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: float, name: str,
                   dtype: str) -> list[EngineResult]:
     """Shared body of unstructured (``bs=None``) and block pruning over one or more groups with one global
     selection (sec. 1): every row of every group is traced, the k = round(sparsity * units) cheapest
@@ -102,11 +56,11 @@ def _global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: 
     reached after its first c_r steps: the least-squares optimum for the removed set, recomputed in float64
     by :func:`hessian.reconstruct` (one solve per row: cheaper than re-running c_r steps and far smaller than
     storing every state). Grouped convolutions therefore get one mask over all their groups."""
-    s = _check_sparsity(sparsity)
+    s = check_sparsity(sparsity)
     work = G.working_dtype(dtype)
     xp = xp_of(ws[0], Hs[0])
     names = [name if len(ws) == 1 else f"{name}[group {g}]" for g in range(len(ws))]
-    dims = [_check_layer(w, H, nm) for w, H, nm in zip(ws, Hs, names)]
+    dims = [check_layer(w, H, nm) for w, H, nm in zip(ws, Hs, names)]
     for (rows, c), nm in zip(dims, names):
         if bs is not None and c % bs:
             raise ValueError(f"{nm}: C={c} is not a multiple of block_size={bs}")
@@ -118,19 +72,19 @@ def _global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: 
     if k == 0:
         outs = []
         for w, prep, nm in zip(ws, preps, names):
-            out = _finish(xp, w, prep.w, nm)
-            outs.append(EngineResult(out, None, 0.0, _info(prep, steps=0, zeros=int((out == 0).sum()),
+            out = finish(xp, w, prep.w, nm)
+            outs.append(EngineResult(out, None, 0.0, info(prep, steps=0, zeros=int((out == 0).sum()),
                                                            seconds=clock.laps)))
         return outs
     traces = [trace_unstructured(p, work) if bs is None else trace_blocks(p, bs, work) for p in preps]
     clock.lap("trace")
     steps = {t[1].shape[1] for t in traces}
     if len(steps) == 1:
-        counts_all = _global_counts(xp, xp.concatenate([t[1] for t in traces]), k)
+        counts_all = global_counts(xp, xp.concatenate([t[1] for t in traces]), k)
     else:  # groups of different sizes cannot happen for one ONNX node; pad losses with +inf to be general
         width = max(steps)
         padded = [xp.pad(t[1], ((0, 0), (0, width - t[1].shape[1])), constant_values=np.inf) for t in traces]
-        counts_all = _global_counts(xp, xp.concatenate(padded), k)
+        counts_all = global_counts(xp, xp.concatenate(padded), k)
     results = []
     r0 = 0
     for w, prep, (order, losses), (rows, c), nm in zip(ws, preps, traces, dims, names):
@@ -141,10 +95,10 @@ def _global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: 
         pruned_u = xp.zeros((rows, nsteps), dtype=bool)
         pruned_u[xp.arange(rows)[:, None], order] = taken
         pruned = pruned_u if bs is None else xp.repeat(pruned_u, bs, axis=1)
-        out = _finish(xp, w, reconstruct(prep, pruned), nm)
+        out = finish(xp, w, reconstruct(prep, pruned), nm)
         loss = float(xp.sum(xp.where(taken, losses, 0.0)))
         extra = {"pruned": int(xp.sum(counts))} if bs is None else {"block_size": bs, "pruned_blocks": int(xp.sum(counts))}
-        results.append(EngineResult(out, None, loss, _info(prep, steps=nsteps, zeros=int((out == 0).sum()),
+        results.append(EngineResult(out, None, loss, info(prep, steps=nsteps, zeros=int((out == 0).sum()),
                                                            seconds=clock.laps, **extra)))
     clock.lap("final")
     return results
@@ -156,9 +110,9 @@ def prune_unstructured(w: Any, H: Any, sparsity: float, *, damp: float = 0.01, n
 
     Each row is traced greedily (remove the weight of least loss w_q^2 / (2 Hinv_qq), compensate the rest);
     the k = round(sparsity * numel) smallest losses over all (row, step) pairs decide how many steps c_r each
-    row keeps (see :func:`_global_prune`).
+    row keeps (see :func:`global_prune`).
     """
-    return _global_prune([w], [H], sparsity, None, damp=damp, name=name, dtype=dtype)[0]
+    return global_prune([w], [H], sparsity, None, damp=damp, name=name, dtype=dtype)[0]
 
 
 def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = "layer",
@@ -169,7 +123,7 @@ def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = 
     steps per row; every group then holds exactly m - n pruned weights. No global selection: the final
     weights are the greedy state itself. The caller orders the columns so that groups are consecutive.
     """
-    rows, c = _check_layer(w, H, name)
+    rows, c = check_layer(w, H, name)
     n, m = int(n), int(m)
     if not (m >= 2 and 1 <= n < m):
         raise ValueError(f"{name}: N:M needs 1 <= N < M, got {n}:{m}")
@@ -185,7 +139,7 @@ def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = 
     hinv = prep.Hinv.astype(work)
     out = xp.empty((rows, c), dtype=work)
     blocked = 4.0 * G.cap(work)  # free but not selectable: its group already holds m - n zeros
-    batches = list(_row_batches(rows, R))
+    batches = list(row_batches(rows, R))
     totals = [0.0] * len(batches)
 
     def batch(ib: int, ws: G.Workspace) -> None:
@@ -210,9 +164,9 @@ def prune_nm(w: Any, H: Any, n: int, m: int, *, damp: float = 0.01, name: str = 
     with blas_threads(1):
         G.run_batches(xp, list(range(len(batches))), batch, ([(R, c)], G.nbuf_for(xp, c), work))
     total = sum(totals)
-    res = _finish(xp, w, out, name)
+    res = finish(xp, w, out, name)
     clock.lap("trace")
-    return EngineResult(res, None, total, _info(prep, steps=steps, pattern=f"{n}:{m}", zeros=int((res == 0).sum()),
+    return EngineResult(res, None, total, info(prep, steps=steps, pattern=f"{n}:{m}", zeros=int((res == 0).sum()),
                                                 seconds=clock.laps))
 
 
@@ -254,7 +208,7 @@ def trace_blocks(prep: Prepared, bs: int, work: np.dtype) -> tuple[Any, Any]:
                 D[tr.ar, j] = eye
 
     with blas_threads(1):
-        G.run_batches(xp, list(_row_batches(rows, R)), batch, ([(R, c)], nbuf, work))
+        G.run_batches(xp, list(row_batches(rows, R)), batch, ([(R, c)], nbuf, work))
     return order, losses
 
 
@@ -269,104 +223,4 @@ def prune_blocks(w: Any, H: Any, block_size: int, sparsity: float, *, damp: floa
     bs = int(block_size)
     if bs < 1:
         raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
-    return _global_prune([w], [H], sparsity, bs, damp=damp, name=name, dtype=dtype)[0]
-
-
-# ----------------------------------------------------------------------------------------- entry point
-def _check_options(name: str, sparsity: float | None, nm: tuple[int, int] | None, block_size: int | None,
-                   bits: int | None, group_size: int | None = None) -> None:
-    """Invalid combinations of the compression options raise ValueError."""
-    if nm is not None and sparsity is not None:
-        raise ValueError(f"{name}: nm=(n, m) and sparsity are exclusive (N:M fixes the sparsity at 1 - n/m)")
-    if nm is not None and block_size is not None:
-        raise ValueError(f"{name}: nm=(n, m) and block_size are exclusive")
-    if block_size is not None and sparsity is None:
-        raise ValueError(f"{name}: block_size needs a sparsity (the fraction of weights to zero in blocks)")
-    if nm is not None and len(tuple(nm)) != 2:
-        raise ValueError(f"{name}: nm must be a pair (n, m), got {nm!r}")
-    if sparsity is None and nm is None and bits is None:
-        raise ValueError(f"{name}: nothing to do: give sparsity, nm=(n, m), block_size with sparsity, and/or bits")
-    if group_size is not None:
-        if bits is None:
-            raise ValueError(f"{name}: group_size (group-wise quantization grids) needs bits")
-        try:
-            check_group_size(group_size)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-
-
-def _quantize_survivors(pr: EngineResult, H: Any, bits: int, *, sym: bool, grid_method: str, name: str,
-                        dtype: str, group_size: int | None = None) -> EngineResult:
-    """Compound compression (sec. 3): OBQ of a pruned layer's survivors with its zeros frozen."""
-    from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
-
-    xp = xp_of(pr.weight, H)
-    mask = pr.weight != 0
-    if bool(xp.all(mask | (xp.diagonal(H) == 0)[None, :])):
-        mask = None  # nothing pruned but dead inputs (zero either way): the faster unmasked path
-    q = quantize_obq(pr.weight, H, bits, sym=sym, grid_method=grid_method, mask=mask, damp=pr.info["damp"],
-                     name=name, dtype=dtype, group_size=group_size)
-    info = dict(q.info)
-    info["prune"] = pr.info
-    return EngineResult(q.weight, q.grid, pr.loss + q.loss, info)
-
-
-def compress_weight(w: Any, H: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                    block_size: int | None = None, bits: int | None = None, sym: bool = False,
-                    grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32", group_size: int | None = None) -> EngineResult:
-    """One layer, any supported combination (sec. 1-3).
-
-    Pruning: ``sparsity`` alone (unstructured, global mask), ``nm=(n, m)`` (N:M) or ``block_size`` with
-    ``sparsity`` (block sparsity); then, if ``bits`` is given, OBQ of the survivors with the zeros frozen
-    (compound compression, sec. 3). ``loss`` is the sum of both stages' greedy losses; ``info`` holds the
-    pruning stage's info under ``'prune'``. ``group_size`` (with ``bits``): one grid per row and group of
-    ``group_size`` consecutive columns instead of one per row. Invalid combinations raise ValueError.
-    """
-    from .obq import quantize_obq  # noqa: PLC0415  (obq imports this module's helpers)
-
-    _check_options(name, sparsity, nm, block_size, bits, group_size)
-    kw = dict(damp=damp, name=name, dtype=dtype)
-    if nm is not None:
-        pr = prune_nm(w, H, nm[0], nm[1], **kw)
-    elif block_size is not None:
-        pr = prune_blocks(w, H, block_size, sparsity, **kw)
-    elif sparsity is not None:
-        pr = prune_unstructured(w, H, sparsity, **kw)
-    else:
-        pr = None
-    if bits is None:
-        return pr
-    if pr is None:
-        return quantize_obq(w, H, bits, sym=sym, grid_method=grid_method, damp=damp, name=name, dtype=dtype,
-                            group_size=group_size)
-    return _quantize_survivors(pr, H, bits, sym=sym, grid_method=grid_method, name=name, dtype=dtype,
-                               group_size=group_size)
-
-
-def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                    block_size: int | None = None, bits: int | None = None, sym: bool = False,
-                    grid_method: str = "minmax", damp: float = 0.01, name: str = "layer",
-                    dtype: str = "float32", group_size: int | None = None) -> list[EngineResult]:
-    """:func:`compress_weight` for a layer made of several groups (grouped / depthwise Conv), one
-    ``ws[g]`` (rows x C) and ``Hs[g]`` (C x C) per group.
-
-    Unstructured and block sparsity select globally over ALL groups (one mask for the layer, as for a
-    single matrix: a depthwise conv's 3x3 rows are not each forced to the same sparsity); N:M and
-    quantization are per row anyway and run group by group (``group_size`` grids: per row and group of
-    columns of each matrix, so a layer's grid is the groups' grids stacked along the rows).
-    """
-
-    g = len(ws)
-    names = [name if g == 1 else f"{name}[group {i}]" for i in range(g)]
-    if g == 1 or nm is not None or sparsity is None:
-        return [compress_weight(ws[i], Hs[i], sparsity=sparsity, nm=nm, block_size=block_size, bits=bits, sym=sym,
-                                grid_method=grid_method, damp=damp, name=names[i], dtype=dtype, group_size=group_size)
-                for i in range(g)]
-    _check_options(name, sparsity, nm, block_size, bits, group_size)
-    pruned = _global_prune(list(ws), list(Hs), sparsity, None if block_size is None else int(block_size), damp=damp,
-                           name=name, dtype=dtype)
-    if bits is None:
-        return pruned
-    return [_quantize_survivors(pr, Hs[i], bits, sym=sym, grid_method=grid_method, name=names[i], dtype=dtype,
-                                group_size=group_size) for i, pr in enumerate(pruned)]
+    return global_prune([w], [H], sparsity, bs, damp=damp, name=name, dtype=dtype)[0]

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.layers import Layer
-from .writeback import NameAllocator, retire_weight
+from .writeback import GraphEdit
 from .qdq import LayerGrid, codes_for, storage_bits
 
 MS_DOMAIN = "com.microsoft"
@@ -38,7 +38,7 @@ def check_block_size(block_size: int) -> int:
 
 def supports(layer: Layer, grid: LayerGrid | None) -> bool:
     """MatMul layers with a constant 2-D B quantized to at most 4 bits."""
-    return layer.op == "MatMul" and grid is not None and storage_bits(grid.bits) == 4
+    return layer.layout.matmulnbits and grid is not None and storage_bits(grid.bits) == 4
 
 
 def _pack_rows(q: np.ndarray) -> np.ndarray:
@@ -48,10 +48,10 @@ def _pack_rows(q: np.ndarray) -> np.ndarray:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
 
 
-def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, grid: LayerGrid,
-                             dead: set[str], *, accuracy_level: int = 0) -> str:
+def replace_with_matmulnbits(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: LayerGrid, *,
+                             accuracy_level: int = 0) -> str:
     """Turn every MatMul consumer of ``layer`` into MatMulNBits (same node name and output). The old weight
-    and its chain go to ``dead`` for :func:`remove_unused`. Returns the packed weight's name.
+    and its chain are retired. Returns the packed weight's name.
 
     ``weight`` is B [K, N]; ``grid`` has rows = N and, when group-wise, groups along K (shape (N, ceil(K / gs)),
     gs a power of two >= 16, else ValueError). A partial last block is padded with code 0."""
@@ -77,17 +77,17 @@ def replace_with_matmulnbits(model: onnx.ModelProto, layer: Layer, weight: np.nd
     packed = _pack_rows(q.reshape(n * nb, bs)).reshape(n, nb, bs // 2)
     zp = _pack_rows(zpb).reshape(-1)
 
-    fresh = NameAllocator(model)
+    model, fresh = edit.model, edit.fresh
     bn, sn, zn = fresh(f"{layer.weight_name}_Q4"), fresh(f"{layer.weight_name}_scales"), fresh(f"{layer.weight_name}_zp")
-    model.graph.initializer.extend([numpy_helper.from_array(packed, bn), numpy_helper.from_array(scales, sn),
+    edit.add_initializers([numpy_helper.from_array(packed, bn), numpy_helper.from_array(scales, sn),
                                     numpy_helper.from_array(zp, zn)])
     for c in layer.consumers:
-        old = model.graph.node[c.node_index]
+        old = edit.node(c.node_index)
         new = helper.make_node("MatMulNBits", [old.input[0], bn, sn, zn], list(old.output), name=old.name,
                                domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=bs, accuracy_level=accuracy_level)
         new.doc_string = old.doc_string
-        model.graph.node[c.node_index].CopyFrom(new)
+        edit.replace_node(c.node_index, new)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    retire_weight(model, layer, dead)
+    edit.retire(layer)
     return bn

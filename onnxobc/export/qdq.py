@@ -15,38 +15,26 @@ divided (rounded up) by the block size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..engine.grid import Grid
 from ..errors import NumericalError, UsageError
 from ..graph.layers import Layer
-from .writeback import NameAllocator, retire_weight
+from .writeback import GraphEdit
 
 
-@dataclass
-class LayerGrid:
-    """The quantization grid of a whole layer, in the engine's matrix layout.
-
-    Rows are the layer's output channels in channel order (the rows of all Conv groups stacked, so
-    rows = Cout). Per-channel grids (``group_size=None``): ``scale`` and ``zero_point`` have shape (rows,).
-    Group-wise grids: shape (rows, ngroups), entry (r, j) serving the engine's columns
-    [j * group_size, min((j + 1) * group_size, C)) of row r, where the engine's columns run over the weight's
-    fan-in axis (MatMul B [K, N] and Gemm with transB=0: axis 0; Gemm with transB=1 [N, K] and Conv
-    [Cout, Cin/g, k...]: axis 1) innermost and its other non-output axes outermost, i.e. for Conv the
-    CHANNELS-LAST column order c = tap * (Cin/g) + ci of :meth:`OpLayout.channels_last_perm` (identical to
-    the stored order for 1x1 kernels). A Conv with more than one kernel tap needs group_size to divide
-    Cin/g so that no group straddles two taps (see :func:`group_size_problem`). ngroups = ceil(C / group_size),
-    the last group of a Gemm/MatMul may be partial.
-    """
-
-    scale: np.ndarray  # (rows,) or (rows, ngroups), float32
-    zero_point: np.ndarray  # same shape, integer-valued floats in [0, 2^bits - 1]
-    bits: int
-    sym: bool
-    group_size: int | None = None
+# The quantization grid of a whole layer, in the engine's matrix layout: the engine's own Grid (one quantizer).
+# Rows are the layer's output channels in channel order (the rows of all Conv groups stacked, so rows = Cout).
+# Per-channel grids (``group_size=None``): ``scale`` and ``zero_point`` have shape (rows,). Group-wise grids:
+# shape (rows, ngroups), entry (r, j) serving the engine's columns [j * group_size, min((j + 1) * group_size, C))
+# of row r, where the engine's columns run over the weight's fan-in axis innermost and its other non-output axes
+# outermost, i.e. for Conv the CHANNELS-LAST column order c = tap * (Cin/g) + ci of
+# :meth:`OpLayout.channels_last_perm` (identical to the stored order for 1x1 kernels). A Conv with more than one
+# kernel tap needs group_size to divide Cin/g so that no group straddles two taps (see :func:`group_size_problem`).
+# ngroups = ceil(C / group_size), the last group of a Gemm/MatMul may be partial.
+LayerGrid = Grid
 
 
 def storage_bits(bits: int) -> int:
@@ -100,40 +88,10 @@ def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocke
     return converted
 
 
-def _weight_axis(layer: Layer) -> int:
-    """Axis of the weight tensor (as consumers see it) that indexes output channels."""
-    if layer.op == "Conv":
-        return 0
-    if layer.op == "Gemm":
-        return 0 if layer.layout.attrs.get("transB", 0) else 1
-    return 1  # MatMul B [K, N]
-
-
-def _fan_in_axis(layer: Layer) -> int:
-    """Axis of the weight tensor (as consumers see it) that runs along the engine's columns (the one
-    blocked DequantizeLinear blocks over)."""
-    if layer.op == "Conv":
-        return 1
-    if layer.op == "Gemm":
-        return 1 if layer.layout.attrs.get("transB", 0) else 0
-    return 0  # MatMul B [K, N]
-
-
 def group_size_problem(layer: Layer, group_size: int) -> str | None:
-    """Why ``layer`` cannot store group-wise grids of ``group_size`` as blocked DequantizeLinear (None: it can).
-
-    A Conv block runs along input channels at one kernel tap: with more than one tap, group_size must
-    divide Cin/g (the engine's channels-last columns then never put two taps in one group).
-    """
-    if group_size < 1:
-        return f"group_size must be >= 1, got {group_size}"
-    if layer.op == "Conv":
-        cin_g = int(layer.weight.shape[1])
-        taps = int(np.prod(layer.weight.shape[2:]))
-        if taps > 1 and cin_g % group_size:
-            return (f"group_size {group_size} does not divide the {cin_g} input channels per group of this "
-                    f"{'x'.join(str(k) for k in layer.weight.shape[2:])} Conv (a block cannot straddle kernel taps)")
-    return None
+    """Why ``layer`` cannot store group-wise grids of ``group_size`` as blocked DequantizeLinear (None: it can);
+    the op adapter knows (a Conv block cannot straddle kernel taps)."""
+    return layer.layout.group_size_problem(layer.weight.shape, group_size)
 
 
 def blocked_params(shape: tuple[int, ...], grid: LayerGrid, axis: int, block_axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,19 +193,17 @@ def _tensor(name: str, values: np.ndarray, et: int) -> TensorProto:
     return numpy_helper.from_array(values, name)
 
 
-def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, grid: LayerGrid,
-                   dead: set[str]) -> onnx.NodeProto:
+def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: LayerGrid) -> str:
     """Replace ``layer``'s weight by integer codes -> DequantizeLinear (per output channel, or blocked along
     the fan-in axis for a group-wise grid: the model must then have opset >= 21, see :func:`ensure_opset`).
 
     ``weight`` is the new weight as the consumers see it and ``grid`` its :class:`LayerGrid` (engine layout:
     rows = output channels; group-wise grids with the engine's, for Conv channels-last, column order).
-    The consumers are rewired to the DequantizeLinear output; the old weight tensor and its chain are
-    recorded in ``dead`` for :func:`remove_unused`. The DequantizeLinear node is returned, not inserted, so
-    that node indices of the other layers stay valid: insert the nodes with :func:`insert_nodes` at the end.
+    The consumers are rewired to the DequantizeLinear output (a node waiting in ``edit.front``) and the old
+    weight and its chain are retired. Returns the name of the integer codes.
     """
-    fresh = NameAllocator(model)
-    axis = _weight_axis(layer)
+    model, fresh = edit.model, edit.fresh
+    axis = layer.layout.out_axis()
     if grid.group_size is not None:
         why = group_size_problem(layer, grid.group_size)
         if why:
@@ -255,7 +211,7 @@ def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, gri
         if main_opset(model) < 21:
             raise UsageError(f"{layer.name}: group-wise QDQ weights need opset >= 21 (blocked DequantizeLinear), the "
                              f"model has opset {main_opset(model)}: convert it first (ensure_opset(..., blocked=True))")
-        block_axis = _fan_in_axis(layer)
+        block_axis = layer.layout.fan_in_axis()
         codes, zps, et = codes_for(weight, grid, axis, block_axis)
         scale = blocked_params(weight.shape, grid, axis, block_axis)[0]
         attrs = dict(axis=block_axis, block_size=int(grid.group_size))
@@ -266,19 +222,13 @@ def add_qdq_weight(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, gri
     base = layer.weight_name
     qn, sn, zn = fresh(f"{base}_quantized"), fresh(f"{base}_scale"), fresh(f"{base}_zero_point")
     out, node_name = fresh(f"{base}_dequantized"), fresh(f"{base}_DequantizeLinear")
-    model.graph.initializer.extend([
+    edit.add_initializers([
         _tensor(qn, codes, et),
         numpy_helper.from_array(np.asarray(scale).astype(weight.dtype), sn),
         _tensor(zn, zps, et),
     ])
     dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, **attrs)
-    for c in layer.consumers:
-        model.graph.node[c.node_index].input[1] = out
-    retire_weight(model, layer, dead)
-    return dq
-
-
-def insert_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
-    """Put nodes whose inputs are all initializers at the front of the graph (a valid topological place)."""
-    for n in reversed(nodes):
-        model.graph.node.insert(0, n)
+    edit.rewire(layer, out)
+    edit.retire(layer)
+    edit.add_front(dq)
+    return qn

@@ -493,9 +493,10 @@ def _choose(candidates: list) -> tuple[_Graph, dict]:
 # public
 # ----------------------------------------------------------------------------------------------------------
 
-def sparse_encode(model: onnx.ModelProto, *, min_sparsity: float = 0.3,
-                  min_elements: int = 256) -> tuple[onnx.ModelProto, list[dict]]:
-    """A copy of ``model`` whose sparse initializers are stored compactly (see the module docstring).
+def sparse_encode(model: onnx.ModelProto, *, min_sparsity: float = 0.3, min_elements: int = 256,
+                  inplace: bool = False) -> tuple[onnx.ModelProto, list[dict]]:
+    """A copy of ``model`` (``model`` itself with ``inplace``) whose sparse initializers are stored compactly
+    (see the module docstring).
 
     Eligible: main-graph initializers of at least ``min_elements`` elements that are not graph inputs or
     outputs, either float32/float16 with at least ``min_sparsity`` exact zeros, or uint8/int8 (uint4/int4
@@ -506,14 +507,17 @@ def sparse_encode(model: onnx.ModelProto, *, min_sparsity: float = 0.3,
     Returns the new model and one dict per encoded tensor: name, dtype, shape, encoding ("bitmask" or
     "nm N:M", with "axis" for N:M), sparsity, bytes_before (serialized initializer) and bytes_after (new
     initializers + decode nodes; constants shared by several tensors count with the first). ``model`` is
-    not modified.
+    not modified unless ``inplace``.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if int(min_elements) < 1:
         raise ValueError(f"min_elements must be >= 1, got {min_elements}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if inplace:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     opset = main_opset(model)
     if opset < MIN_OPSET:
         log.info("sparse storage needs opset >= %d (CumSum, ScatterElements); the model has opset %d: "

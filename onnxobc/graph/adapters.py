@@ -1,8 +1,11 @@
-"""Per-op layout knowledge: how a Gemm / MatMul / Conv weight is a matrix rows x C, and how the node's input
-becomes the columns X that multiply it (im2col for Conv, exactly as the node computes it).
+"""Per-op layout knowledge, one adapter class per op type: how a Gemm / MatMul / Conv weight is a matrix
+rows x C, how the node's input becomes the columns X that multiply it (im2col for Conv, exactly as the node
+computes it), which weight axes are the output channels and the fan-in (for QDQ and blocked storage), and what
+a group-wise grid or a MAC count needs.
 
 Every adapter works on groups: Gemm and MatMul have one group, a Conv with ``group = g`` has g independent
-problems, each with its own Hessian (ALGORITHMS.md section 0).
+problems, each with its own Hessian (ALGORITHMS.md section 0). ``OpLayout(op, attrs)`` returns the adapter of
+``op`` (see :data:`ADAPTERS`); a new op type is one new subclass registered there.
 """
 from __future__ import annotations
 
@@ -14,64 +17,83 @@ import numpy as np
 
 from ..errors import CalibrationError
 
+ADAPTERS: dict[str, type["OpLayout"]] = {}
+
+
+def adapter(op: str):
+    """Register an OpLayout subclass as the adapter of ``op``."""
+    def deco(cls):
+        ADAPTERS[op] = cls
+        return cls
+    return deco
+
 
 @dataclass(frozen=True)
 class OpLayout:
-    """How one consumer node uses its weight. ``attrs`` holds the node attributes that matter."""
+    """How one consumer node uses its weight. ``attrs`` holds the node attributes that matter.
+
+    Constructing ``OpLayout(op, attrs)`` gives the registered subclass for ``op``."""
 
     op: str
     attrs: dict = field(default_factory=dict, hash=False, compare=False)
 
-    # ---- weight <-> matrices -------------------------------------------------------------------------
+    def __new__(cls, op: str = "", attrs: dict | None = None):
+        if cls is OpLayout:
+            if op not in ADAPTERS:
+                raise ValueError(f"no adapter for op type {op!r} (known: {', '.join(ADAPTERS)})")
+            cls = ADAPTERS[op]
+        return object.__new__(cls)
+
+    def __getnewargs__(self):
+        return (self.op, self.attrs)
+
+    # ---- weight <-> matrices (per op) -----------------------------------------------------------------
     def groups(self, weight_shape: tuple[int, ...]) -> int:
-        return int(self.attrs.get("group", 1)) if self.op == "Conv" else 1
+        return 1
 
     def matrix_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(groups, rows per group, C) of the weight seen as matrices."""
-        if self.op == "Gemm":
-            k, n = (weight_shape[1], weight_shape[0]) if self.attrs.get("transB", 0) else weight_shape
-            return 1, int(n), int(k)
-        if self.op == "MatMul":
-            k, n = weight_shape
-            return 1, int(n), int(k)
-        if self.op == "Conv":
-            g = self.groups(weight_shape)
-            cout = weight_shape[0]
-            return g, int(cout // g), int(np.prod(weight_shape[1:]))
-        raise ValueError(self.op)
+        raise NotImplementedError
 
     def to_matrices(self, w: np.ndarray) -> np.ndarray:
         """Weight tensor -> array (groups, rows, C); rows are output channels, C the fan-in
         (for Conv: Cin/g outermost, then kernel positions, as the weight is stored)."""
-        if self.op == "Gemm":
-            m = w if self.attrs.get("transB", 0) else w.T
-            return np.ascontiguousarray(m)[None]
-        if self.op == "MatMul":
-            return np.ascontiguousarray(w.T)[None]
-        g, r, c = self.matrix_shape(w.shape)
-        return np.ascontiguousarray(w.reshape(g, r, c))
+        raise NotImplementedError
 
     def from_matrices(self, mats: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
         """Inverse of :meth:`to_matrices`."""
-        if self.op == "Gemm":
-            m = mats[0]
-            return np.ascontiguousarray(m if self.attrs.get("transB", 0) else m.T)
-        if self.op == "MatMul":
-            return np.ascontiguousarray(mats[0].T)
-        return np.ascontiguousarray(mats.reshape(weight_shape))
+        raise NotImplementedError
 
     def channels_last_perm(self, weight_shape: tuple[int, ...]) -> np.ndarray | None:
         """Column permutation putting input channels innermost (kernel taps outermost) for N:M and block
-        patterns, as sparse tensor-core kernels expect; None when C is already channel-ordered."""
-        if self.op != "Conv" or len(weight_shape) <= 2:
-            return None
-        cin_g = weight_shape[1]
-        ksize = int(np.prod(weight_shape[2:]))
-        if ksize == 1:
-            return None
-        # column index in stored order is ci * ksize + t; channels-last order is t * cin_g + ci.
-        idx = np.arange(cin_g * ksize).reshape(cin_g, ksize)
-        return idx.T.reshape(-1)
+        patterns and quantization groups, as sparse kernels and blocked DequantizeLinear expect; None when C
+        is already channel-ordered."""
+        return None
+
+    def out_axis(self) -> int:
+        """Axis of the weight tensor (as consumers see it) that indexes output channels (the QDQ axis)."""
+        raise NotImplementedError
+
+    def fan_in_axis(self) -> int:
+        """Axis of the weight tensor that runs along the engine's columns (the one blocked DequantizeLinear
+        blocks over)."""
+        raise NotImplementedError
+
+    def group_size_problem(self, weight_shape: tuple[int, ...], group_size: int) -> str | None:
+        """Why group-wise grids of ``group_size`` cannot be stored as blocked DequantizeLinear (None: they can)."""
+        if group_size < 1:
+            return f"group_size must be >= 1, got {group_size}"
+        return None
+
+    def position_dims(self, output_shape: tuple) -> list:
+        """The dims of the node's output over which the weight is applied once per sample (spatial positions,
+        tokens): MACs per sample are their product times the weight's size."""
+        return []
+
+    @property
+    def matmulnbits(self) -> bool:
+        """Whether ONNX Runtime's MatMulNBits can replace the node (a MatMul with a constant 2-D B)."""
+        return False
 
     # ---- inputs -> columns ---------------------------------------------------------------------------
     def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
@@ -171,3 +193,110 @@ class OpLayout:
                 [(spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(len(kernel))]
             )
         )
+
+
+@adapter("Gemm")
+@dataclass(frozen=True)
+class GemmLayout(OpLayout):
+    """Gemm: Y = alpha A B' + beta C; B [K, N] (transB=0) or [N, K] (transB=1)."""
+
+    def matrix_shape(self, weight_shape):
+        k, n = (weight_shape[1], weight_shape[0]) if self.attrs.get("transB", 0) else weight_shape
+        return 1, int(n), int(k)
+
+    def to_matrices(self, w):
+        m = w if self.attrs.get("transB", 0) else w.T
+        return np.ascontiguousarray(m)[None]
+
+    def from_matrices(self, mats, weight_shape):
+        m = mats[0]
+        return np.ascontiguousarray(m if self.attrs.get("transB", 0) else m.T)
+
+    def out_axis(self):
+        return 0 if self.attrs.get("transB", 0) else 1
+
+    def fan_in_axis(self):
+        return 1 if self.attrs.get("transB", 0) else 0
+
+
+@adapter("MatMul")
+@dataclass(frozen=True)
+class MatMulLayout(OpLayout):
+    """MatMul with a constant B [K, N] (the activation A [..., K] may have any batch dims)."""
+
+    def matrix_shape(self, weight_shape):
+        k, n = weight_shape
+        return 1, int(n), int(k)
+
+    def to_matrices(self, w):
+        return np.ascontiguousarray(w.T)[None]
+
+    def from_matrices(self, mats, weight_shape):
+        return np.ascontiguousarray(mats[0].T)
+
+    def out_axis(self):
+        return 1
+
+    def fan_in_axis(self):
+        return 0
+
+    def position_dims(self, output_shape):
+        return list(output_shape[1:-1])
+
+    @property
+    def matmulnbits(self):
+        return True
+
+
+@adapter("Conv")
+@dataclass(frozen=True)
+class ConvLayout(OpLayout):
+    """Conv with W [Cout, Cin/g, k...]: g groups of (Cout/g) x (Cin/g * prod(k)) matrices."""
+
+    def groups(self, weight_shape):
+        return int(self.attrs.get("group", 1))
+
+    def matrix_shape(self, weight_shape):
+        g = self.groups(weight_shape)
+        cout = weight_shape[0]
+        return g, int(cout // g), int(np.prod(weight_shape[1:]))
+
+    def to_matrices(self, w):
+        g, r, c = self.matrix_shape(w.shape)
+        return np.ascontiguousarray(w.reshape(g, r, c))
+
+    def from_matrices(self, mats, weight_shape):
+        return np.ascontiguousarray(mats.reshape(weight_shape))
+
+    def channels_last_perm(self, weight_shape):
+        if len(weight_shape) <= 2:
+            return None
+        cin_g = weight_shape[1]
+        ksize = int(np.prod(weight_shape[2:]))
+        if ksize == 1:
+            return None
+        # column index in stored order is ci * ksize + t; channels-last order is t * cin_g + ci.
+        idx = np.arange(cin_g * ksize).reshape(cin_g, ksize)
+        return idx.T.reshape(-1)
+
+    def out_axis(self):
+        return 0
+
+    def fan_in_axis(self):
+        return 1
+
+    def group_size_problem(self, weight_shape, group_size):
+        """A block runs along input channels at one kernel tap: with more than one tap, group_size must divide
+        Cin/g (the engine's channels-last columns then never put two taps in one group)."""
+        why = super().group_size_problem(weight_shape, group_size)
+        if why:
+            return why
+        cin_g = int(weight_shape[1])
+        taps = int(np.prod(weight_shape[2:]))
+        if taps > 1 and cin_g % group_size:
+            return (f"group_size {group_size} does not divide the {cin_g} input channels per group of this "
+                    f"{'x'.join(str(k) for k in weight_shape[2:])} Conv (a block cannot straddle kernel taps)")
+        return None
+
+    def position_dims(self, output_shape):
+        return list(output_shape[2:])

@@ -67,6 +67,7 @@ class Layer:
     groups: int
     rows: int  # per group
     cols: int  # C, per group
+    exclusive: bool = True  # the source and chain serve only this layer (it can be rewritten in place)
 
     @property
     def layout(self) -> OpLayout:
@@ -87,13 +88,7 @@ class Layer:
         for c in self.consumers:
             if c.output_shape is None:
                 return None
-            dims = list(c.output_shape)
-            if self.op == "Conv":
-                pos_dims = dims[2:]
-            elif self.op == "MatMul":
-                pos_dims = dims[1:-1]
-            else:
-                pos_dims = []
+            pos_dims = c.layout.position_dims(tuple(c.output_shape))
             if any(not isinstance(d, int) for d in pos_dims):
                 return None
             total += int(np.prod(pos_dims or [1])) * self.params
@@ -398,7 +393,10 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"Conv output channels {value.shape[0]} not divisible by group {g}"))
             continue
-        layers.append(Layer(first.node_name, first.op, wname, source, kind, chain, value, consumers, g, r, cc))
+        along = [source] + [ix.node(s.node_index).output[0] for s in chain[:-1]]
+        exclusive = not chain or all(ix.use_count(t) == 1 for t in along)
+        layers.append(Layer(first.node_name, first.op, wname, source, kind, chain, value, consumers, g, r, cc,
+                            exclusive))
     return layers, skipped
 
 

@@ -1,0 +1,94 @@
+"""One apply: every layer's result written into the model, in every storage format, then the post-passes.
+
+:func:`apply` is the only place that rewrites a model's layers. Per layer it picks the storage (see
+:func:`storage_format`: MatMulNBits, QDQ integer codes + DequantizeLinear, or float) and writes through one
+:class:`~onnxobc.export.writeback.GraphEdit` (names, rewiring, retired tensors, new nodes, order); then it
+inserts the activation Q/DQ pairs of W8A8 and, last, encodes sparse initializers compactly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from ..engine.grid import Grid
+from ..engine.spec import LayerSpec
+from ..graph.layers import Layer
+from .matmulnbits import replace_with_matmulnbits
+from .qdq import add_qdq_weight, storage_bits
+from .writeback import GraphEdit, write_back
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the compressed model is stored (the run's export options)."""
+
+    qdq: bool = False
+    matmulnbits: bool = False
+    accuracy_level: int = 0
+    sparse_storage: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "ExportOptions":
+        return cls(qdq=cfg.qdq, matmulnbits=cfg.matmulnbits, accuracy_level=cfg.accuracy_level,
+                   sparse_storage=cfg.sparse_storage)
+
+
+def storage_format(layer: Layer, bits: int | None, opts: ExportOptions) -> str:
+    """'matmulnbits', 'qdq' or 'float': how a layer quantized to ``bits`` (None: not quantized) is stored."""
+    if bits is not None and opts.matmulnbits and layer.layout.matmulnbits and storage_bits(bits) == 4:
+        return "matmulnbits"
+    if bits is not None and opts.qdq:
+        return "qdq"
+    return "float"
+
+
+@dataclass
+class Written:
+    """What :func:`apply` did: per layer how its weight was written, and the post-passes' reports."""
+
+    layers: dict[str, str]
+    activations: list | None = None
+    sparse_storage: list | None = None
+
+
+def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[np.ndarray, Grid | None]],
+          opts: ExportOptions, *, activations: tuple[list, dict] | None = None) -> tuple[onnx.ModelProto, Written]:
+    """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
+    IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
+    :func:`~onnxobc.export.actquant.plan_sites` and their parameters) and sparse storage. Returns the model
+    (a new object only when sparse storage re-encoded it) and what was written."""
+    edit = GraphEdit(model)
+    written: dict[str, str] = {}
+    for layer in layers:
+        if layer.name not in results:
+            continue
+        w_new, grid = results[layer.name]
+        fmt = storage_format(layer, None if grid is None else grid.bits, opts)
+        if fmt == "matmulnbits":
+            written[layer.name] = "MatMulNBits " + replace_with_matmulnbits(edit, layer, w_new, grid,
+                                                                           accuracy_level=opts.accuracy_level)
+        elif fmt == "qdq":
+            add_qdq_weight(edit, layer, w_new, grid)
+            written[layer.name] = f"QDQ {edit.front[-1].input[0]}"
+        else:
+            written[layer.name] = write_back(edit, layer, w_new)
+    edit.finish()
+    out = Written(written)
+    if activations is not None:
+        from .actquant import insert_activation_qdq
+
+        sites, params = activations
+        used = insert_activation_qdq(model, sites, params)
+        out.activations = [dict(tensor=s.tensor, used_as=s.why, **asdict(used[s.tensor])) for s in sites]
+    if opts.sparse_storage:
+        from .sparse import sparse_encode
+
+        model, out.sparse_storage = sparse_encode(model, inplace=True)
+    return model, out
+
+
+def spec_format(layer: Layer, spec: LayerSpec | None, opts: ExportOptions) -> str:
+    """:func:`storage_format` of a layer planned with ``spec`` (None: left as it is)."""
+    return storage_format(layer, None if spec is None else spec.bits, opts)
