@@ -1,5 +1,5 @@
 """onnxobc: post-training pruning and quantization of ONNX models with Optimal Brain Compression."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .config import CompressConfig  # noqa: E402
 from .errors import CalibrationError, NumericalError, OnnxObcError, UnsupportedModel, UsageError  # noqa: E402

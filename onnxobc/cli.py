@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .jsonutil import dumps
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .backend import get_xp
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
 from .config import CompressConfig

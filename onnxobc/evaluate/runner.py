@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .. import __version__
+from .._version import __version__
 from ..calibrate.data import (
     InputSpec,
     _npz_files,
