@@ -16,7 +16,7 @@ from .common import check_layer, check_sparsity, finish, global_counts, info, ro
 from .hessian import Prepared, prepare, reconstruct
 from .result import EngineResult
 
-__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "global_prune"]
+__all__ = ["EngineResult", "prune_unstructured", "prune_nm", "prune_blocks", "global_prune", "global_prune_levels"]
 
 
 # ------------------------------------------------------------------------------------------------ traces
@@ -49,14 +49,21 @@ def trace_unstructured(prep: Prepared, work: np.dtype) -> tuple[Any, Any]:
 
 
 def global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: float, name: str,
-                  dtype: str) -> list[EngineResult]:
+                 dtype: str) -> list[EngineResult]:
     """Shared body of unstructured (``bs=None``) and block pruning over one or more groups with one global
     selection (sec. 1): every row of every group is traced, the k = round(sparsity * units) cheapest
     (row, step) losses of the whole layer decide each row's depth c_r, and each row ends in the state
     reached after its first c_r steps: the least-squares optimum for the removed set, recomputed in float64
     by :func:`hessian.reconstruct` (one solve per row: cheaper than re-running c_r steps and far smaller than
     storing every state). Grouped convolutions therefore get one mask over all their groups."""
-    s = check_sparsity(sparsity)
+    return global_prune_levels(ws, Hs, [sparsity], bs, damp=damp, name=name, dtype=dtype)[0]
+
+
+def global_prune_levels(ws: list, Hs: list, sparsities: list[float], bs: int | None, *, damp: float, name: str,
+                        dtype: str) -> list[list[EngineResult]]:
+    """:func:`global_prune` at several sparsities from ONE trace per row (sec. 5.1: the whole ladder of a
+    layer's database costs one trace plus one reconstruction per level). Returns one list per sparsity."""
+    levels = [check_sparsity(s) for s in sparsities]
     work = G.working_dtype(dtype)
     xp = xp_of(ws[0], Hs[0])
     names = [name if len(ws) == 1 else f"{name}[group {g}]" for g in range(len(ws))]
@@ -68,16 +75,27 @@ def global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: f
     preps = [prepare(H, w, damp, name=nm) for w, H, nm in zip(ws, Hs, names)]
     clock.lap("prepare")
     units = [rows * (c if bs is None else c // bs) for rows, c in dims]
-    k = int(round(s * sum(units)))
-    if k == 0:
-        outs = []
-        for w, prep, nm in zip(ws, preps, names):
-            out = finish(xp, w, prep.w, nm)
-            outs.append(EngineResult(out, None, 0.0, info(prep, steps=0, zeros=int((out == 0).sum()),
-                                                           seconds=clock.laps)))
-        return outs
-    traces = [trace_unstructured(p, work) if bs is None else trace_blocks(p, bs, work) for p in preps]
-    clock.lap("trace")
+    ks = [int(round(s * sum(units))) for s in levels]
+    traces = None
+    out_levels = []
+    for k in ks:
+        if k == 0:
+            outs = []
+            for w, prep, nm in zip(ws, preps, names):
+                out = finish(xp, w, prep.w, nm)
+                outs.append(EngineResult(out, None, 0.0, info(prep, steps=0, zeros=int((out == 0).sum()),
+                                                              seconds=clock.laps)))
+            out_levels.append(outs)
+            continue
+        if traces is None:
+            traces = [trace_unstructured(p, work) if bs is None else trace_blocks(p, bs, work) for p in preps]
+            clock.lap("trace")
+        out_levels.append(_select(xp, ws, preps, traces, dims, names, k, bs, clock))
+    return out_levels
+
+
+def _select(xp, ws, preps, traces, dims, names, k: int, bs: int | None, clock) -> list[EngineResult]:
+    """The state of every row after the k globally cheapest steps of the traces (sec. 1)."""
     steps = {t[1].shape[1] for t in traces}
     if len(steps) == 1:
         counts_all = global_counts(xp, xp.concatenate([t[1] for t in traces]), k)
@@ -99,7 +117,7 @@ def global_prune(ws: list, Hs: list, sparsity: float, bs: int | None, *, damp: f
         loss = float(xp.sum(xp.where(taken, losses, 0.0)))
         extra = {"pruned": int(xp.sum(counts))} if bs is None else {"block_size": bs, "pruned_blocks": int(xp.sum(counts))}
         results.append(EngineResult(out, None, loss, info(prep, steps=nsteps, zeros=int((out == 0).sum()),
-                                                           seconds=clock.laps, **extra)))
+                                                          seconds=clock.laps, **extra)))
     clock.lap("final")
     return results
 

@@ -20,12 +20,12 @@ from .baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .grid import Grid, check_group_size
 from .metrics import error_terms
 from .obq import quantize_obq
-from .obs import global_prune, prune_blocks, prune_nm, prune_unstructured
+from .obs import global_prune, global_prune_levels, prune_blocks, prune_nm, prune_unstructured
 from .result import EngineResult
 from .spec import METHODS, LayerSpec, check_method
 
 __all__ = ["Problem", "LayerResult", "Note", "SOLVERS", "register_solver", "solve", "compress_weight",
-           "compress_groups"]
+           "compress_groups", "solve_many"]
 
 
 # ------------------------------------------------------------------------------------------ array entry points
@@ -218,6 +218,11 @@ def _solve_exact(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, name: 
         block_size=spec.block_size, bits=spec.bits, sym=spec.sym, grid_method=spec.grid, damp=spec.damp, name=name,
         dtype=spec.dtype, group_size=spec.group_size,
     )
+    return _from_engine(res, mats, spec)
+
+
+def _from_engine(res: list[EngineResult], mats: np.ndarray, spec: LayerSpec):
+    """Per-group engine results as one solver result: (new mats, stacked grid, loss, notes, info)."""
     damps = [r.info.get("damp", spec.damp) for r in res]
     notes = [Note("damp_raised", f"damp raised to {max(damps):g}", max(damps))] if max(damps) > spec.damp else []
     grid = _stack_grid([r.grid for r in res], spec.group_size) if all(r.grid is not None for r in res) else None
@@ -274,19 +279,81 @@ def solve(problem: Problem, spec: LayerSpec) -> LayerResult:
     """Compress one layer: the solver registered for ``spec.method`` on the problem's matrices (in the
     channels-last column order when a pattern or quantization groups need it), then the layer error."""
     check_method(spec)
-    mats, H = problem.mats, problem.hessian
     final, notes = _fallbacks(problem, spec)
     if final is None:
-        return LayerResult(mats.copy(), None, spec, 0.0, 0.0, notes, dense=True, solver="none")
+        return _dense(problem, spec, notes)
+    perm = _perm(problem, final)
+    work, Hw = _permuted(problem, perm)
+    new, grid, loss, more, info = SOLVERS[final.method](work, Hw, final, problem.name)
+    return _result(problem, final, notes + more, new, grid, loss, info, perm)
+
+
+def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:
+    """:func:`solve` for several specs of one layer (a database ladder), sharing work: exact unstructured
+    pruning at several sparsities (and those levels quantized) costs one trace per row for all of them."""
+    out: list[LayerResult | None] = [None] * len(specs)
+    ladders: dict[tuple, list[int]] = {}
+    finals = []
+    for i, spec in enumerate(specs):
+        check_method(spec)
+        final, notes = _fallbacks(problem, spec)
+        finals.append((final, notes))
+        if final is None:
+            out[i] = _dense(problem, spec, notes)
+        elif final.method == "exact" and final.sparsity is not None and final.nm is None and final.block_size is None:
+            ladders.setdefault((final.damp, final.dtype, final.device, _perm_key(problem, final)), []).append(i)
+        else:
+            out[i] = solve(problem, spec)
+    for idxs in ladders.values():
+        first = finals[idxs[0]][0]
+        perm = _perm(problem, first)
+        work, Hw = _permuted(problem, perm)
+        if Hw is None:
+            raise ValueError(f"{problem.name}: the exact method needs the layer's Hessian")
+        xp = get_xp(first.device)
+        ws, Hs = [xp.asarray(m) for m in work], [xp.asarray(h) for h in Hw]
+        levels = sorted({finals[i][0].sparsity for i in idxs})
+        pruned = dict(zip(levels, global_prune_levels(ws, Hs, levels, None, damp=first.damp, name=problem.name,
+                                                       dtype=first.dtype)))
+        for i in idxs:
+            final, notes = finals[i]
+            res = pruned[final.sparsity]
+            if final.bits is not None:
+                names = [problem.name if len(res) == 1 else f"{problem.name}[group {g}]" for g in range(len(res))]
+                res = [_quantize_survivors(pr, Hs[g], final.bits, sym=final.sym, grid_method=final.grid,
+                                           name=names[g], dtype=final.dtype, group_size=final.group_size)
+                       for g, pr in enumerate(res)]
+            new, grid, loss, more, info = _from_engine(res, work, final)
+            out[i] = _result(problem, final, notes + more, new, grid, loss, info, perm)
+    return out
+
+
+def _perm_key(problem: Problem, spec: LayerSpec):
+    p = _perm(problem, spec)
+    return None if p is None else tuple(p.tolist())
+
+
+def _perm(problem: Problem, spec: LayerSpec) -> np.ndarray | None:
     # N:M and block patterns, and quantization groups, run along input channels at each kernel tap
     # (channels-last), as sparse kernels and blocked DequantizeLinear expect
-    perm = problem.channels_last if (final.nm or final.block_size or final.group_size) else None
-    work, Hw = mats, H
-    if perm is not None:
-        work = mats[:, :, perm]
-        Hw = H[:, perm][:, :, perm] if H is not None else None
-    new, grid, loss, more, info = SOLVERS[final.method](work, Hw, final, problem.name)
-    notes += more
+    return problem.channels_last if (spec.nm or spec.block_size or spec.group_size) else None
+
+
+def _permuted(problem: Problem, perm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    mats, H = problem.mats, problem.hessian
+    if perm is None:
+        return mats, H
+    return mats[:, :, perm], (H[:, perm][:, :, perm] if H is not None else None)
+
+
+def _dense(problem: Problem, spec: LayerSpec, notes: list[Note]) -> LayerResult:
+    return LayerResult(problem.mats.copy(), None, spec, 0.0, 0.0, notes, dense=True, solver="none")
+
+
+def _result(problem: Problem, final: LayerSpec, notes: list[Note], new: np.ndarray, grid: Grid | None, loss: float,
+            info: dict, perm: np.ndarray | None) -> LayerResult:
+    """The result in stored column order, with the layer error from the Hessian."""
+    mats, H = problem.mats, problem.hessian
     if perm is not None:
         new = new[:, :, np.argsort(perm)]
     err = None
