@@ -116,8 +116,14 @@ def _config_from_args(args: argparse.Namespace):
     from .plan import load_plan
 
     per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}  # the options LayerSpec defines
+    cands = {}
+    for name in ("bits", "sparsity"):  # with a target, comma-separated lists are candidates
+        if isinstance(per_layer[name], tuple):
+            cands[f"cand_{name}"] = per_layer[name]
+            per_layer[name] = None
     return CompressConfig(
-        **per_layer, samples=args.samples, batch_size=args.batch_size,
+        **per_layer, **cands, target_flops=args.target_flops, target_size=args.target_size,
+        target_bops=args.target_bops, database=args.database, samples=args.samples, batch_size=args.batch_size,
         include=args.include, exclude=args.exclude,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
@@ -126,6 +132,21 @@ def _config_from_args(args: argparse.Namespace):
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
     )
+
+
+def _number_or_list(typ):
+    """An argparse type: one number, or a comma-separated list of them (candidates for a --target-*)."""
+    def parse(text: str):
+        parts = [p for p in text.split(",") if p.strip()]
+        try:
+            vals = tuple(typ(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {typ.__name__} or a comma-separated list, got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected a {typ.__name__} or a comma-separated list, got {text!r}")
+        return vals[0] if len(vals) == 1 and "," not in text else vals
+    parse.__name__ = typ.__name__
+    return parse
 
 
 def _add_spec_arguments(group) -> None:
@@ -142,7 +163,7 @@ def _add_spec_arguments(group) -> None:
         if meta.get("choices"):
             kw["choices"] = list(meta["choices"])
         if meta.get("type") is not None:
-            kw["type"] = meta["type"]
+            kw["type"] = _number_or_list(meta["type"]) if f.name in ("bits", "sparsity") else meta["type"]
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
         group.add_argument(flag, **kw)
@@ -352,6 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "replace the global ones for the matching layers (null clears one); layers no rule matches "
                         "get the global options. A --report's 'plan' key is such a list (one rule per layer): "
                         "--plan REPORT.json reuses it")
+    t = pc.add_argument_group(
+        "compression to a budget",
+        "choose each layer's sparsity and/or bits (one exact trace per row gives every sparsity level) so that the "
+        "selected layers' total cost meets ONE target, minimising the summed layer errors (a dynamic programme); every "
+        "layer may also stay as it is. With a target, --bits and --sparsity take comma-separated candidates "
+        "(defaults: flops: densities 0.9^i, i = 1..44, and --nm adds N:M; size: bits 8,6,4,3,2; bops: bits 8,4 and "
+        "--nm). The chosen per-layer options are in the summary and in the report's plan (reusable with --plan)")
+    t.add_argument("--target-flops", type=float, metavar="F",
+                   help="keep at most F of the selected layers' dense MACs (e.g. 0.5: 2x fewer)")
+    t.add_argument("--target-size", type=float, metavar="F",
+                   help="stored weight bytes at most F of their fp32 bytes (e.g. 0.125: 4 bits on average); implies "
+                        "--format qdq (4-bit codes need opset 21: add --opset 21 for older models)")
+    t.add_argument("--target-bops", type=float, metavar="F",
+                   help="bit operations (MACs x density x weight bits x activation bits; activations count as 8 "
+                        "bits unless --act-bits says otherwise) at most F of dense 8-bit weights x 8-bit activations")
+    t.add_argument("--database", metavar="DIR",
+                   help="keep the per-layer compressed variants and their errors in DIR: another target on the same "
+                        "model, data and options reuses them (no calibration, no solve)")
     a = pc.add_argument_group("activation quantization (W8A8)")
     a.add_argument("--act-bits", type=int, choices=[8], metavar="8",
                    help="also quantize activations to 8 bits with static per-tensor ranges from the calibration data: "

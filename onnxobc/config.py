@@ -40,6 +40,12 @@ class CompressConfig(LayerSpec):
     act_calib: str = "minmax"
     act_percentile: float = 99.99
     plan: tuple | None = None  # rules (dicts) as in a --plan file, already parsed
+    target_flops: float | None = None  # keep at most this fraction of the selected layers' dense MACs
+    target_size: float | None = None  # stored weight bytes at most this fraction of their fp32 bytes
+    target_bops: float | None = None  # BOPs at most this fraction of dense 8-bit weights x 8-bit activations
+    cand_bits: tuple | None = None  # with a target: candidate bit widths (--bits 8,4,3)
+    cand_sparsity: tuple | None = None  # with a target: candidate sparsities (--sparsity 0.5,0.7)
+    database: str | None = None  # directory of the per-layer variant database (reused across targets)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,11 +61,33 @@ class CompressConfig(LayerSpec):
                     raise ValueError(f"{flag} {rx!r} is not a valid regular expression: {e}") from None
         if self.plan is not None:
             object.__setattr__(self, "plan", parse_rules(self.plan))
-        if self.qdq and self.bits is None and self.plan is None:
+        targets = [(k, v) for k, v in (("flops", self.target_flops), ("size", self.target_size),
+                                       ("bops", self.target_bops)) if v is not None]
+        if len(targets) > 1:
+            raise ValueError("give one target at a time: --target-flops, --target-size or --target-bops")
+        for k, v in targets:
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"--target-{k} is a fraction of the dense cost in (0, 1], got {v}")
+        if self.target_size is not None and not self.matmulnbits:
+            object.__setattr__(self, "qdq", True)  # a size budget is about stored bytes: integer codes, not floats
+        if targets and self.plan is not None:
+            raise ValueError("--plan and a --target-* are two ways of choosing per-layer options: give one of them "
+                             "(a target's report holds its plan, to edit and feed back with --plan)")
+        for name, vals, check in (("--bits", self.cand_bits, lambda b: isinstance(b, int) and 2 <= b <= 8),
+                                  ("--sparsity", self.cand_sparsity, lambda x: 0.0 <= x < 1.0)):
+            if vals is not None:
+                if not targets:
+                    raise ValueError(f"a list of {name} values gives candidates to choose from: it needs "
+                                     "--target-flops, --target-size or --target-bops")
+                if not vals or not all(check(v) for v in vals):
+                    raise ValueError(f"{name} candidates out of range: {', '.join(map(str, vals))}")
+                object.__setattr__(self, "cand_bits" if name == "--bits" else "cand_sparsity", tuple(vals))
+        if self.qdq and self.bits is None and self.plan is None and self.cand_bits is None and not self.target_size:
             raise ValueError("--qdq stores quantized weights: give --bits B")
         if self.matmulnbits and self.act_bits is not None:
             raise ValueError("--act-bits cannot be combined with --format matmulnbits (use --format qdq)")
-        if self.matmulnbits and self.plan is None and (self.bits is None or self.bits > 4):
+        if self.matmulnbits and self.plan is None and self.cand_bits is None and not self.target_size and (
+                self.bits is None or self.bits > 4):
             raise ValueError("--format matmulnbits stores 4-bit MatMul weights: give --bits 2, 3 or 4")
         if self.verify_samples < 1:
             raise ValueError(f"--verify-samples must be >= 1, got {self.verify_samples}")
@@ -80,7 +108,7 @@ class CompressConfig(LayerSpec):
             raise ValueError(f"--act-calib must be one of {', '.join(ACT_CALIB)}, got {self.act_calib!r}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise ValueError(f"--act-percentile must be in (50, 100], got {self.act_percentile}")
-        if self.plan is None:
+        if self.plan is None and self.target is None:
             check_method(self)
 
     def check_export(self, s: LayerSpec) -> None:
@@ -93,8 +121,17 @@ class CompressConfig(LayerSpec):
                 raise ValueError("--act-bits (integer kernels) needs one weight scale per output channel: drop --group-size")
         if self.act_bits is not None and s is not self and s.bits is not None and s.bits != 8:
             raise ValueError("--act-bits 8 is the W8A8 path: every quantized layer needs 8-bit weights")
-        if self.act_bits is not None and s is self and self.plan is None and s.bits != 8:
+        if self.act_bits is not None and s is self and self.plan is None and self.target is None and s.bits != 8:
             raise ValueError("--act-bits 8 is the W8A8 path: give --bits 8 too (integer kernels need 8-bit weights)")
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """('flops' | 'size' | 'bops', fraction) when compressing to a budget."""
+        for k in ("flops", "size", "bops"):
+            v = getattr(self, f"target_{k}")
+            if v is not None:
+                return k, float(v)
+        return None
 
     def layer_spec(self) -> LayerSpec:
         """The uniform per-layer spec of this run (what every layer gets without a plan)."""

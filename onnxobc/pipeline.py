@@ -70,6 +70,7 @@ class CompressResult:
     activations: list | None = None  # one entry per quantized activation tensor (--act-bits)
     plan: list | None = None  # the plan that was used, one rule per layer (--plan format)
     cost: dict | None = None  # totals of the layers' costs
+    allocation: dict | None = None  # compression to a target: budget, achieved cost, database use
     extra: dict = field(default_factory=dict)  # not part of the report: 'model' holds the compressed ModelProto
 
     def to_dict(self) -> dict:
@@ -93,28 +94,23 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     in_name = "<ModelProto>" if is_proto else str(model)
     work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=is_proto or config.verify)
     todo = [l for l in selected if specs[l.name] is not None]
-    t_cal = time.perf_counter()
-    stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
-    t_cal = time.perf_counter() - t_cal
     t_eng = time.perf_counter()
-    solved = {}
-    for layer in progress(todo, "compressing", len(todo)):
-        t = time.perf_counter()
-        solved[layer.name] = (_solve(layer, specs[layer.name], stats[layer.name], config), time.perf_counter() - t)
+    specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation = _compress_layers(
+        work, todo, specs, calib, config, progress)
     weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
     out_model, written = apply(work, todo, weights, ExportOptions.of(config),
                                activations=act and (act[0], act[1]()))
-    t_eng = time.perf_counter() - t_eng
+    t_eng = time.perf_counter() - t_eng - t_cal
     verify = _verify(original, out_model, calib, config) if config.verify else None  # before anything is written
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None,
-        config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights[l.name][0], stats[l.name],
+        config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights[l.name][0], macs[l.name],
                                                  written.layers[l.name], config) for l in todo],
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
         input_bytes=original.ByteSize() if is_proto else model_file_bytes(model), verify=verify,
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
-        plan=plan_rules([l.name for l in layers], specs),
+        plan=plan_rules([l.name for l in layers], specs), allocation=allocation,
     )
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
@@ -149,17 +145,22 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
         raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
     names = {l.name for l in selected}
     specs = resolve([l.name for l in selected], config, config.plan, check=config.check_export,
-                    force_sym=config.act_bits is not None)
+                    force_sym=config.act_bits is not None, final=config.target is None)
     specs.update({l.name: None for l in layers if l.name not in names})
     quantized = [s for s in specs.values() if s is not None and s.bits is not None]
-    if config.qdq and not quantized:
+    qbits = [s.bits for s in quantized]
+    if config.target is not None:
+        from .allocation import candidate_bits
+
+        qbits = candidate_bits(config)
+    if config.qdq and not qbits:
         raise UsageError("--qdq stores quantized weights: give --bits B")
     if any(s is not None and s.device == "cuda" for s in specs.values()):
         get_xp("cuda")  # fail early and clearly when there is no GPU
     work = original
     if config.qdq:  # a converted copy when the opset must rise
-        work = ensure_opset(work, min(s.bits for s in quantized), config.opset,
-                            blocked=any(s.group_size is not None for s in quantized))
+        work = ensure_opset(work, min(qbits), config.opset,
+                            blocked=any(s.group_size is not None for s in specs.values() if s is not None))
     if config.act_bits:
         from .export.actquant import fold_zero_pads
 
@@ -175,8 +176,38 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
     return work, layers, skipped, selected, specs
 
 
+def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
+                     progress: Progress):
+    """Calibrate and solve every planned layer, or, with a target, build the database and allocate.
+    Returns (specs, compressed layers, {name: (LayerResult, seconds)}, {name: MACs}, W8A8 ranges, samples,
+    token mask input, calibration seconds, allocation report)."""
+    t_cal = time.perf_counter()
+    if config.target is not None:
+        from .allocation import run as allocate_layers
+
+        def calibrate(layers: list[Layer]):
+            stats, _, n, _ = _calibrate(work, layers, specs, calib, config, progress, ranges=False)
+            return stats, n
+
+        specs, solved, macs, allocation = allocate_layers(work, todo, specs, calib, config, calibrate, progress)
+        todo = [l for l in todo if specs[l.name] is not None]
+        act, token_mask = None, find_token_mask(work, config.token_mask)
+        if config.act_bits and todo:
+            _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False)
+        return (specs, todo, solved, macs, act, allocation["samples"], token_mask,
+                allocation["seconds"]["calibration"], allocation)
+    stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
+    t_cal = time.perf_counter() - t_cal
+    solved = {}
+    for layer in progress(todo, "compressing", len(todo)):
+        t = time.perf_counter()
+        solved[layer.name] = (_solve(layer, specs[layer.name], stats[layer.name], config), time.perf_counter() - t)
+    macs = {l.name: _macs(l, stats[l.name]) for l in todo}
+    return specs, todo, solved, macs, act, samples, token_mask, t_cal, None
+
+
 def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
-               progress: Progress):
+               progress: Progress, *, ranges: bool = True, hessians: bool | None = None):
     """Run the model on the calibration data: Hessians (or counts), and W8A8 activation ranges.
     Returns (stats per layer, (sites, params thunk, notes) or None, samples, token mask input)."""
     if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
@@ -187,7 +218,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
     batches = iter_batches(calib, ins, batch_size=config.batch_size, max_samples=config.samples)
     token_mask = find_token_mask(model, config.token_mask)
     observers, act = [], None
-    if config.act_bits:
+    if config.act_bits and ranges:
         from .calibrate.ranges import RangeObserver
         from .export.actquant import plan_sites
 
@@ -196,7 +227,8 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
         act = (sites, lambda: {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib,
                                                              config.act_percentile) for s in sites},
                [dict(note=n) for n in notes])
-    need_h = config.layer_error or any(specs[l.name].method == "exact" for l in todo)
+    need_h = hessians if hessians is not None else (config.layer_error or config.target is not None
+                                                    or any(specs[l.name].method == "exact" for l in todo))
     stats = collect_hessians(model, todo, batches, progress=progress,
                              total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
                              observers=observers, hessians=need_h)
@@ -217,11 +249,14 @@ def _weight(layer: Layer, res: LayerResult) -> np.ndarray:
     return layer.layout.from_matrices(res.mats.astype(layer.weight.dtype), layer.weight.shape)
 
 
-def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_new: np.ndarray, st, written: str,
-            config: CompressConfig) -> LayerReport:
+def _macs(layer: Layer, st) -> int:
+    """MACs per sample: from static shapes, else from the positions seen in calibration."""
     macs = layer.static_macs()
-    if macs is None:
-        macs = int(round(st.positions_per_sample * layer.params))
+    return macs if macs is not None else int(round(st.positions_per_sample * layer.params))
+
+
+def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_new: np.ndarray, macs: int,
+            written: str, config: CompressConfig) -> LayerReport:
     applied = None if res.dense else res.spec
     opts = ExportOptions.of(config)
     cost = layer_cost(layer, applied, storage_format(layer, None if applied is None else applied.bits, opts), macs,

@@ -137,10 +137,11 @@ def load_plan(path: str | Path) -> tuple[Rule, ...]:
 
 
 def resolve(names: list[str], base: LayerSpec, rules: tuple[Rule, ...] | None, *,
-            check: Any = None, force_sym: bool = False) -> dict[str, LayerSpec | None]:
+            check: Any = None, force_sym: bool = False, final: bool = True) -> dict[str, LayerSpec | None]:
     """{layer name: its spec, or None to leave it as it is}. ``base`` is the run's global spec; ``check(spec)``
     (the export format's constraints) raises ValueError for a spec the run cannot store; ``force_sym`` makes every
-    grid symmetric (W8A8). Errors name the layer and the rule."""
+    grid symmetric (W8A8); ``final=False`` (a target will choose the pattern and bits) skips the check that a spec
+    has something to do. Errors name the layer and the rule."""
     out: dict[str, LayerSpec | None] = {}
     used = [False] * len(rules or ())
     for name in names:
@@ -157,7 +158,8 @@ def resolve(names: list[str], base: LayerSpec, rules: tuple[Rule, ...] | None, *
             spec = base.spec() if rule is None else dataclasses.replace(base.spec(), **dict(rule.options))
             if force_sym and not spec.sym:
                 spec = dataclasses.replace(spec, sym=True)
-            check_method(spec)
+            if final:
+                check_method(spec)
             if check is not None:
                 check(spec)
         except ValueError as e:

@@ -1,0 +1,279 @@
+"""Compression to a budget (ALGORITHMS.md sec. 5): a database of compressed variants per layer, a cost and an
+error per variant, and the dynamic programme of :func:`onnxobc.engine.allocate.allocate` choosing one variant per
+layer so that the total cost meets the target.
+
+Targets (fractions of the selected layers' dense totals): ``flops`` (MACs x density), ``size`` (stored weight
+bytes vs fp32) and ``bops`` (MACs x density x weight bits x activation bits vs dense 8-bit weights and 8-bit
+activations). Every layer may also stay as it is.
+
+The database lives in a directory (``--database DIR``, else a temporary one): one ``.npz`` per variant (weights,
+grid) and ``index.json`` with its error and what its cost needs. A variant's key hashes the model, the
+calibration data and its options, so a second target on the same model and data reuses every variant (no
+calibration, no solve), and any change of model, data or options misses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ._version import __version__
+from .engine.allocate import allocate
+from .engine.grid import Grid
+from .engine.solver import LayerResult, Note, Problem, solve_many
+from .engine.spec import LayerSpec
+from .errors import UsageError
+from .export.apply import ExportOptions, storage_format
+from .export.cost import LayerCost, layer_cost
+from .graph.layers import Layer
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("flops", "size", "bops")
+LADDER = tuple(round(1.0 - 0.9 ** i, 6) for i in range(1, 45))  # densities 0.9^i: sparsity 0.1 ... 0.99
+SIZE_BITS = (8, 6, 4, 3, 2)
+BOPS_BITS = (8, 4)
+BOPS_REF_BITS = 8  # the reference: dense 8-bit weights and 8-bit activations
+
+
+@dataclass
+class Variant:
+    spec: LayerSpec | None  # None: the layer as it is
+    key: str
+    error: float
+    cost: LayerCost | None = None
+    result: LayerResult | None = None
+
+
+def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tuple | None) -> list[LayerSpec]:
+    """The variants a layer is offered (besides staying as it is), from the run's options.
+
+    flops: the sparsity ladder (``sparsities`` or densities 0.9^i), plus N:M when ``base.nm`` is set, each
+    quantized to ``base.bits`` when given; size: each of ``bits`` (default 8, 6, 4, 3, 2), pruned at
+    ``sparsities`` too when given; bops: each of ``bits`` (default 8, 4) dense, N:M and at ``sparsities``."""
+    plain = dataclasses.replace(base.spec(), sparsity=None, nm=None, block_size=None)
+    out: list[LayerSpec] = []
+
+    def add(**kw):
+        try:
+            out.append(dataclasses.replace(plain, **kw))
+        except ValueError:
+            pass  # an impossible combination (e.g. a group size without bits) is simply not a candidate
+
+    if target == "flops":
+        for s in (sparsities or LADDER):
+            add(sparsity=s, block_size=base.block_size, bits=base.bits)
+        if base.nm:
+            add(nm=base.nm, bits=base.bits)
+    else:
+        for b in (bits or (SIZE_BITS if target == "size" else BOPS_BITS)):
+            add(bits=b)
+            for s in (sparsities or ()):
+                add(sparsity=s, bits=b)
+            if target == "bops" and base.nm:
+                add(nm=base.nm, bits=b)
+    return list(dict.fromkeys(out))
+
+
+def candidate_bits(config) -> list[int]:
+    """Every bit width a target's candidates may use (for the opset the storage needs)."""
+    kind = config.target[0]
+    if kind == "flops":
+        return [config.bits] if config.bits else []
+    return list(config.cand_bits or (SIZE_BITS if kind == "size" else BOPS_BITS))
+
+
+def _cost_value(target: str, cost: LayerCost) -> float:
+    if target == "flops":
+        return float(cost.eff_macs)
+    if target == "size":
+        return float(cost.bytes)
+    return float(cost.bops)
+
+
+def _dense_value(target: str, layer: Layer, macs: int) -> float:
+    if target == "flops":
+        return float(macs)
+    if target == "size":
+        return float(layer.weight.size * 4)
+    return float(macs * BOPS_REF_BITS * BOPS_REF_BITS)
+
+
+def digest_model(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def digest_data(calib: Any) -> str:
+    """A fingerprint of the calibration data: the files' bytes (a path), or the arrays (a list of feeds)."""
+    h = hashlib.sha256()
+    if isinstance(calib, (str, os.PathLike)):
+        p = Path(calib)
+        for f in sorted(p.glob("*.npz")) if p.is_dir() else [p]:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    elif isinstance(calib, (list, tuple)):
+        for feed in calib:
+            for k in sorted(feed):
+                a = np.ascontiguousarray(feed[k])
+                h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode())
+                h.update(a.tobytes())
+    else:
+        raise UsageError("compression to a target reads the calibration data twice: pass a path or a list of feeds, "
+                         "not a one-shot iterator or reader")
+    return h.hexdigest()
+
+
+class Database:
+    """Variants on disk: ``index.json`` ({key: entry}) and one ``<key>.npz`` per variant."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.tmp = path is None
+        self.dir = Path(tempfile.mkdtemp(prefix="onnxobc-db-")) if path is None else Path(path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--database {self.dir}: cannot create the directory ({e.strerror or e})") from None
+        self.index_path = self.dir / "index.json"
+        self.index: dict[str, dict] = {}
+        if self.index_path.exists():
+            try:
+                self.index = json.loads(self.index_path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s is unreadable: the database starts empty", self.index_path)
+        self.hits = self.misses = 0
+
+    def has(self, key: str) -> bool:
+        return key in self.index and (self.dir / f"{key}.npz").exists()
+
+    def put(self, key: str, res: LayerResult, meta: dict) -> None:
+        arrays = {"mats": res.mats}
+        if res.grid is not None:
+            arrays.update(scale=np.asarray(res.grid.scale), zero_point=np.asarray(res.grid.zero_point))
+        np.savez(self.dir / f"{key}.npz", **arrays)
+        self.index[key] = dict(meta, error=res.error, loss=res.loss, dense=res.dense, solver=res.solver,
+                               applied=res.spec.to_rule() | {"device": res.spec.device},
+                               notes=[dataclasses.asdict(n) for n in res.notes],
+                               grid=None if res.grid is None else dict(bits=res.grid.bits, sym=res.grid.sym,
+                                                                         group_size=res.grid.group_size))
+
+    def get(self, key: str) -> LayerResult:
+        e = self.index[key]
+        with np.load(self.dir / f"{key}.npz") as z:
+            mats = z["mats"]
+            grid = None if e["grid"] is None else Grid(z["scale"], z["zero_point"], **e["grid"])
+        spec = LayerSpec(**e["applied"])
+        return LayerResult(mats, grid, spec, e["loss"], e["error"], [Note(**n) for n in e["notes"]],
+                           dense=e["dense"], solver=e["solver"])
+
+    def save(self) -> None:
+        tmp = self.index_path.with_name("index.json.tmp")
+        tmp.write_text(json.dumps(self.index))
+        os.replace(tmp, self.index_path)
+
+    def close(self) -> None:
+        if self.tmp:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, LayerSpec], calib: Any, config,
+        calibrate: Callable[[list[Layer]], tuple[dict, int]], progress) -> tuple[dict, dict, dict, dict]:
+    """Build (or reuse) the database, choose a variant per layer, and return
+    ({name: chosen spec or None}, {name: (LayerResult, seconds)} for the compressed ones, {name: MACs}, report).
+
+    ``calibrate(layers)`` runs the model and returns ({name: LayerStats}, samples); it is called only when some
+    variant is missing from the database."""
+    t0 = time.perf_counter()
+    target, fraction = config.target
+    db = Database(config.database)
+    try:
+        common = json.dumps([__version__, digest_model(model), digest_data(calib), config.samples, config.batch_size,
+                             config.token_mask, config.layer_error])
+        offered = {l.name: candidates(base_specs[l.name], target, config.cand_bits, config.cand_sparsity)
+                   for l in layers}
+        opts = ExportOptions.of(config)
+        act_bits = config.act_bits if target != "bops" else (config.act_bits or BOPS_REF_BITS)
+        for l in layers:  # what the export format cannot store is not a candidate
+            ok = []
+            for s in offered[l.name]:
+                try:
+                    config.check_export(s)
+                    ok.append(s)
+                except ValueError:
+                    pass
+            offered[l.name] = ok
+
+        def key(layer: Layer, spec: LayerSpec) -> str:
+            return hashlib.sha256(json.dumps([common, layer.name, spec.to_rule()]).encode()).hexdigest()[:32]
+
+        missing = [l for l in layers if not all(db.has(key(l, s)) for s in offered[l.name])]
+        samples = None
+        macs: dict[str, int] = {}
+        t_cal = 0.0
+        if missing:
+            tc = time.perf_counter()
+            stats, samples = calibrate(missing)
+            t_cal = time.perf_counter() - tc
+            for l in progress(missing, "database", len(missing)):
+                st = stats[l.name]
+                m = l.static_macs()
+                macs[l.name] = m if m is not None else int(round(st.positions_per_sample * l.params))
+                todo = [s for s in offered[l.name] if not db.has(key(l, s))]
+                problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32), st.hessian(),
+                                  l.layout.channels_last_perm(l.weight.shape),
+                                  lambda gs, l=l: l.layout.group_size_problem(l.weight.shape, gs))
+                for s, res in zip(todo, solve_many(problem, todo)):
+                    db.put(key(l, s), res, dict(layer=l.name, macs=macs[l.name], samples=samples))
+                    db.misses += 1
+            db.save()
+        variants: dict[str, list[Variant]] = {}
+        for l in layers:
+            vs = [Variant(None, "", 0.0)]
+            for s in offered[l.name]:
+                k = key(l, s)
+                e = db.index[k]
+                if l.name not in macs:
+                    macs[l.name] = e["macs"]
+                samples = samples or e["samples"]
+                applied = None if e["dense"] else LayerSpec(**e["applied"])
+                cost = layer_cost(l, applied, storage_format(l, None if applied is None else applied.bits, opts),
+                                  macs[l.name], act_bits)
+                vs.append(Variant(s, k, float(e["error"]), cost))
+            vs[0].cost = layer_cost(l, None, "float", macs[l.name], act_bits)
+            variants[l.name] = vs
+        dense_total = sum(_dense_value(target, l, macs[l.name]) for l in layers)
+        budget = fraction * dense_total
+        costs = [[_cost_value(target, v.cost) for v in variants[l.name]] for l in layers]
+        errors = [[v.error for v in variants[l.name]] for l in layers]
+        picks = allocate(costs, errors, budget)
+        if picks is None:
+            cheapest = sum(min(c) for c in costs) / dense_total
+            raise UsageError(f"--target-{target} {fraction:g} is out of reach: the cheapest allocation of these "
+                             f"candidates costs {cheapest:.4f} of the dense total; add cheaper candidates (e.g. more "
+                             f"sparsity levels or fewer bits) or raise the target")
+        chosen: dict[str, LayerSpec | None] = {}
+        results: dict[str, tuple[LayerResult, float]] = {}
+        for l, p in zip(layers, picks):
+            v = variants[l.name][p]
+            chosen[l.name] = v.spec
+            if v.spec is not None:
+                results[l.name] = (db.get(v.key), 0.0)
+        spent = sum(costs[i][p] for i, p in enumerate(picks))
+        report = dict(target=target, fraction=fraction, budget=budget, dense_total=dense_total, cost=spent,
+                      achieved=spent / dense_total if dense_total else 0.0,
+                      candidates={l.name: len(variants[l.name]) for l in layers},
+                      database=None if db.tmp else str(db.dir), variants_reused=sum(len(v) - 1 for v in variants.values()) - db.misses, variants_solved=db.misses,
+                      seconds=dict(calibration=t_cal, total=time.perf_counter() - t0), samples=samples)
+        return chosen, results, macs, report
+    finally:
+        db.close()

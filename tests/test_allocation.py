@@ -1,0 +1,151 @@
+"""Compression to a budget: the DP against brute force, candidates, the database cache, targets met on the
+written model."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import graphs
+from golden_cases import calib
+from onnxobc import CompressConfig, compress
+from onnxobc.allocation import LADDER, candidates
+from onnxobc.cli import main
+from onnxobc.engine.allocate import allocate, brute_force
+from onnxobc.engine.spec import LayerSpec
+from onnxobc.export.cost import tensor_data_bytes
+from onnxobc.graph import find_layers
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_matches_brute_force_on_integer_costs(seed):
+    rng = np.random.default_rng(seed)
+    L, S = rng.integers(2, 5), rng.integers(2, 5)
+    costs = [list(rng.integers(0, 10, S).astype(float)) for _ in range(L)]
+    errors = [list(rng.random(S)) for _ in range(L)]
+    budget = float(rng.integers(int(sum(min(c) for c in costs)), int(sum(max(c) for c in costs)) + 1))
+    dp = allocate(costs, errors, budget, buckets=int(budget) or 1)
+    bf = brute_force(costs, errors, budget)
+    assert sum(errors[l][s] for l, s in enumerate(dp)) == pytest.approx(sum(errors[l][s] for l, s in enumerate(bf)))
+    assert sum(costs[l][s] for l, s in enumerate(dp)) <= budget
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_on_real_valued_costs_stays_within_budget_and_near_optimal(seed):
+    rng = np.random.default_rng(100 + seed)
+    L, S = 4, 4
+    costs = [list(rng.random(S) * 10) for _ in range(L)]
+    errors = [list(rng.random(S)) for _ in range(L)]
+    budget = 0.6 * sum(max(c) for c in costs)
+    buckets = 1000
+    dp = allocate(costs, errors, budget, buckets=buckets)
+    assert sum(costs[l][s] for l, s in enumerate(dp)) <= budget + 1e-9  # costs rounded up: never over
+    err = sum(errors[l][s] for l, s in enumerate(dp))
+    best = sum(errors[l][s] for l, s in enumerate(brute_force(costs, errors, budget)))
+    tight = brute_force(costs, errors, budget - L * budget / buckets)  # rounding loses < 1 unit per layer
+    assert best <= err + 1e-12 and err <= sum(errors[l][s] for l, s in enumerate(tight)) + 1e-12
+
+
+def test_dp_infeasible_and_validation():
+    assert allocate([[5.0, 3.0], [4.0]], [[0, 1], [0]], 6.0) is None
+    with pytest.raises(ValueError):
+        allocate([[1.0]], [[0.0, 1.0]], 1.0)
+    assert allocate([[0.0, 2.0]], [[1.0, 0.0]], 0.0) == [0]
+
+
+def test_candidates():
+    base = LayerSpec()
+    flops = candidates(base, "flops", None, None)
+    assert [c.sparsity for c in flops] == list(LADDER) and LADDER[0] == pytest.approx(0.1)
+    assert 0.99 < LADDER[-1] < 0.991 and len(LADDER) == 44
+    assert candidates(LayerSpec(nm=(2, 4), bits=8), "flops", None, (0.5,)) == [
+        LayerSpec(sparsity=0.5, bits=8), LayerSpec(nm=(2, 4), bits=8)]
+    assert [c.bits for c in candidates(base, "size", (8, 4), None)] == [8, 4]
+    assert candidates(LayerSpec(nm=(2, 4)), "bops", (8,), None) == [LayerSpec(bits=8), LayerSpec(nm=(2, 4), bits=8)]
+
+
+@pytest.mark.parametrize("target,extra", [
+    (dict(target_flops=0.5), {}),
+    (dict(target_size=0.2), dict(cand_bits=(8, 4, 3), qdq=True, opset=21)),
+    (dict(target_bops=0.55), dict(cand_bits=(8, 4), nm=(2, 4))),
+])
+def test_target_is_met_by_the_written_model(target, extra):
+    model = graphs.mixed_cnn()
+    res = compress(model, None, [calib(model, 32)], CompressConfig(**target, **extra))
+    a = res.allocation
+    assert a["cost"] <= a["budget"] + 1e-6 and a["achieved"] <= next(iter(target.values())) + 1e-9
+    out = res.extra["model"]
+    onnx.checker.check_model(out)
+    if "target_size" in target:  # against the file: the bytes of the compressed layers' tensors
+        layers, _ = find_layers(model)
+        sources = {l.source_name for l in layers}
+        kept = sum(tensor_data_bytes(t) for t in model.graph.initializer if t.name not in sources)
+        dense_left = sum(l.weight.size * 4 for l in layers if l.name in res.not_selected)
+        written = sum(tensor_data_bytes(t) for t in out.graph.initializer) - kept
+        assert written == a["cost"] and written <= 0.2 * sum(l.weight.size * 4 for l in layers)
+        assert res.cost["bytes"] + dense_left == written
+    # the report's plan reproduces the allocation
+    again = compress(model, None, [calib(model, 32)],
+                     CompressConfig(plan=res.plan, **{k: v for k, v in extra.items() if k not in ("cand_bits",)}))
+    for x, y in zip(out.graph.initializer, again.extra["model"].graph.initializer):
+        assert x.name == y.name and x.raw_data == y.raw_data
+
+
+def test_database_is_reused_and_invalidated(tmp_path):
+    model = graphs.mixed_cnn()
+    feeds = [calib(model, 32)]
+    db = tmp_path / "db"
+    cfg = dict(target_flops=0.5, database=str(db), cand_sparsity=(0.3, 0.5, 0.7, 0.9))
+    first = compress(model, None, feeds, CompressConfig(**cfg))
+    n = first.allocation["variants_solved"]
+    assert n == 4 * 4 and first.allocation["variants_reused"] == 0
+    second = compress(model, None, feeds, CompressConfig(**dict(cfg, target_flops=0.35)))
+    assert second.allocation["variants_solved"] == 0 and second.allocation["variants_reused"] == n
+    assert second.allocation["seconds"]["calibration"] == 0.0
+    same = compress(model, None, feeds, CompressConfig(**cfg))
+    for x, y in zip(first.extra["model"].graph.initializer, same.extra["model"].graph.initializer):
+        assert x.raw_data == y.raw_data
+    # other data, other options, another model: new variants
+    other = [calib(model, 24)]
+    assert compress(model, None, other, CompressConfig(**cfg)).allocation["variants_solved"] == n
+    assert compress(model, None, feeds, CompressConfig(**dict(cfg, damp=0.05))).allocation["variants_solved"] == n
+    changed = graphs.mixed_cnn()
+    changed.graph.initializer[0].raw_data = np.asarray(
+        onnx.numpy_helper.to_array(changed.graph.initializer[0]) * 1.5).tobytes()
+    assert compress(changed, None, feeds, CompressConfig(**cfg)).allocation["variants_solved"] == n
+
+
+def test_target_options_are_checked():
+    for kw, msg in [(dict(target_flops=0.5, target_size=0.2), "one target"),
+                    (dict(target_flops=1.5), r"in \(0, 1\]"),
+                    (dict(cand_bits=(8, 4)), "needs --target"),
+                    (dict(target_size=0.2, cand_bits=(9,)), "out of range"),
+                    (dict(target_flops=0.5, plan=[{"match": ".", "bits": 4}]), "--plan and a --target")]:
+        with pytest.raises(ValueError, match=msg):
+            CompressConfig(**kw)
+
+
+def test_unreachable_target_is_a_clear_error(tmp_path, capsys):
+    model = graphs.mixed_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "c.npz", **calib(model, 16))
+    code = main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--target-size", "0.01", "--bits", "8,4", "--opset", "21",
+                 "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "out of reach" in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_target_with_candidate_lists(tmp_path, capsys):
+    model = graphs.mixed_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "c.npz", **calib(model, 16))
+    rep = tmp_path / "r.json"
+    assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--target-size", "0.3",
+                 "--bits", "8,4,3", "--opset", "21", "-o", str(tmp_path / "o.onnx"), "--report", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert r["allocation"]["achieved"] <= 0.3 and {l["bits"] for l in r["layers"]} <= {8, 4, 3}
+    assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--bits", "8,4",
+                 "-o", str(tmp_path / "p.onnx")]) == 2
+    assert "needs --target" in capsys.readouterr().err
