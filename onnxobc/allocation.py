@@ -86,6 +86,51 @@ def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tup
     return list(dict.fromkeys(out))
 
 
+ERRORS = ("layer", "output")
+
+
+class OutputProbe:
+    """The change of the model's outputs when ONE layer is swapped to a variant (every other layer dense): the
+    error the reference implementation allocates with (sec. 5.2), here without labels: sum over the outputs of
+    ||y' - y||^2 / ||y||^2 on a few calibration batches. One ONNX Runtime session serves every swap: each
+    layer's weight becomes a graph input, fed dense or swapped."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], calib: Any, config, samples: int):
+        import copy
+
+        from .calibrate import input_specs, iter_batches
+        from .runtime import inference_session
+        import onnxruntime as ort
+
+        m = copy.deepcopy(model)
+        self.names = {}
+        for i, l in enumerate(layers):
+            name = f"__onnxobc_w{i}"
+            m.graph.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(l.weight.dtype), list(l.weight.shape)))
+            for c in l.consumers:
+                m.graph.node[c.node_index].input[1] = name
+            self.names[l.name] = name
+        self.dense = {self.names[l.name]: np.ascontiguousarray(l.weight) for l in layers}
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sess = inference_session(m, so)
+        self.feeds = list(iter_batches(calib, input_specs(model), batch_size=config.batch_size, max_samples=samples))
+        self.ref = [self.sess.run(None, {**f, **self.dense}) for f in self.feeds]
+
+    def error(self, layer: Layer, weight: np.ndarray) -> float:
+        swap = dict(self.dense)
+        swap[self.names[layer.name]] = np.ascontiguousarray(weight.astype(layer.weight.dtype))
+        num = den = 0.0
+        for f, ref in zip(self.feeds, self.ref):
+            for y, r in zip(self.sess.run(None, {**f, **swap}), ref):
+                if np.issubdtype(np.asarray(r).dtype, np.floating):
+                    d = np.asarray(y, np.float64) - r
+                    num += float(np.sum(d * d))
+                    den += float(np.sum(np.asarray(r, np.float64) ** 2))
+        return num / den if den > 0 else 0.0
+
+
 def candidate_bits(config) -> list[int]:
     """Every bit width a target's candidates may use (for the opset the storage needs)."""
     kind = config.target[0]
@@ -236,6 +281,16 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                     db.put(key(l, s), res, dict(layer=l.name, macs=macs[l.name], samples=samples))
                     db.misses += 1
             db.save()
+        if config.allocation_error == "output":
+            probe = None
+            for l in progress(layers, "output errors", len(layers)):
+                for s in offered[l.name]:
+                    e = db.index[key(l, s)]
+                    if e.get("output_error", {}).get(str(config.allocation_samples)) is None:
+                        probe = probe or OutputProbe(model, layers, calib, config, config.allocation_samples)
+                        w = l.layout.from_matrices(db.get(key(l, s)).mats.astype(l.weight.dtype), l.weight.shape)
+                        e.setdefault("output_error", {})[str(config.allocation_samples)] = probe.error(l, w)
+            db.save()
         variants: dict[str, list[Variant]] = {}
         for l in layers:
             vs = [Variant(None, "", 0.0)]
@@ -248,7 +303,9 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                 applied = None if e["dense"] else LayerSpec(**e["applied"])
                 cost = layer_cost(l, applied, storage_format(l, None if applied is None else applied.bits, opts),
                                   macs[l.name], act_bits)
-                vs.append(Variant(s, k, float(e["error"]), cost))
+                err = (e["output_error"][str(config.allocation_samples)] if config.allocation_error == "output"
+                       else e["error"])
+                vs.append(Variant(s, k, float(err), cost))
             vs[0].cost = layer_cost(l, None, "float", macs[l.name], act_bits)
             variants[l.name] = vs
         dense_total = sum(_dense_value(target, l, macs[l.name]) for l in layers)
@@ -269,7 +326,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             if v.spec is not None:
                 results[l.name] = (db.get(v.key), 0.0)
         spent = sum(costs[i][p] for i, p in enumerate(picks))
-        report = dict(target=target, fraction=fraction, budget=budget, dense_total=dense_total, cost=spent,
+        report = dict(target=target, fraction=fraction, error=config.allocation_error, budget=budget, dense_total=dense_total, cost=spent,
                       achieved=spent / dense_total if dense_total else 0.0,
                       candidates={l.name: len(variants[l.name]) for l in layers},
                       database=None if db.tmp else str(db.dir), variants_reused=sum(len(v) - 1 for v in variants.values()) - db.misses, variants_solved=db.misses,

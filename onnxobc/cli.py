@@ -123,7 +123,8 @@ def _config_from_args(args: argparse.Namespace):
             per_layer[name] = None
     return CompressConfig(
         **per_layer, **cands, target_flops=args.target_flops, target_size=args.target_size,
-        target_bops=args.target_bops, database=args.database, samples=args.samples, batch_size=args.batch_size,
+        target_bops=args.target_bops, database=args.database, allocation_error=args.allocation_error,
+        allocation_samples=args.allocation_samples, samples=args.samples, batch_size=args.batch_size,
         include=args.include, exclude=args.exclude,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-bops", type=float, metavar="F",
                    help="bit operations (MACs x density x weight bits x activation bits; activations count as 8 "
                         "bits unless --act-bits says otherwise) at most F of dense 8-bit weights x 8-bit activations")
+    t.add_argument("--allocation-error", choices=["layer", "output"], default="layer",
+                   help="a variant's error: layer = its relative layer output error on the calibration data (free "
+                        "with the solve; default); output = the change of the model's outputs when only that layer "
+                        "is swapped in (sees which layers matter more; one extra model run per variant)")
+    t.add_argument("--allocation-samples", type=int, default=32, metavar="N",
+                   help="calibration samples for --allocation-error output (default 32)")
     t.add_argument("--database", metavar="DIR",
                    help="keep the per-layer compressed variants and their errors in DIR: another target on the same "
                         "model, data and options reuses them (no calibration, no solve)")

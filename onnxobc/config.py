@@ -46,6 +46,8 @@ class CompressConfig(LayerSpec):
     cand_bits: tuple | None = None  # with a target: candidate bit widths (--bits 8,4,3)
     cand_sparsity: tuple | None = None  # with a target: candidate sparsities (--sparsity 0.5,0.7)
     database: str | None = None  # directory of the per-layer variant database (reused across targets)
+    allocation_error: str = "layer"  # a variant's error: 'layer' (relative layer output error) or 'output'
+    allocation_samples: int = 32  # calibration samples for --allocation-error output
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +70,10 @@ class CompressConfig(LayerSpec):
         for k, v in targets:
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"--target-{k} is a fraction of the dense cost in (0, 1], got {v}")
+        if self.allocation_error not in ("layer", "output"):
+            raise ValueError(f"--allocation-error must be 'layer' or 'output', got {self.allocation_error!r}")
+        if self.allocation_samples < 1:
+            raise ValueError(f"--allocation-samples must be >= 1, got {self.allocation_samples}")
         if self.target_size is not None and not self.matmulnbits:
             object.__setattr__(self, "qdq", True)  # a size budget is about stored bytes: integer codes, not floats
         if targets and self.plan is not None:

@@ -149,3 +149,44 @@ def test_cli_target_with_candidate_lists(tmp_path, capsys):
     assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--bits", "8,4",
                  "-o", str(tmp_path / "p.onnx")]) == 2
     assert "needs --target" in capsys.readouterr().err
+
+
+def test_output_error_is_the_swapped_models_output_change():
+    import copy
+
+    import onnxruntime as ort
+
+    from onnxobc.allocation import OutputProbe
+
+    model = graphs.mixed_cnn()
+    feeds = [calib(model, 16)]
+    layers, _ = find_layers(model)
+    probe = OutputProbe(model, layers, feeds, CompressConfig(bits=4), samples=16)
+    layer = layers[1]
+    rng = np.random.default_rng(0)
+    w = (layer.weight * (1 + 0.1 * rng.standard_normal(layer.weight.shape))).astype(layer.weight.dtype)
+    swapped = copy.deepcopy(model)
+    for t in swapped.graph.initializer:
+        if t.name == layer.source_name:
+            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+
+    ref, got = run(model), run(swapped)
+    want = sum(float(np.sum((g.astype(np.float64) - r) ** 2)) for g, r in zip(got, ref)) / sum(
+        float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    assert probe.error(layer, w) == pytest.approx(want, rel=1e-4)
+    assert probe.error(layer, layer.weight) == 0.0
+
+
+def test_output_error_allocation_runs_and_is_cached(tmp_path):
+    model = graphs.mixed_cnn()
+    feeds = [calib(model, 16)]
+    cfg = dict(target_flops=0.5, cand_sparsity=(0.3, 0.6, 0.9), allocation_error="output", database=str(tmp_path))
+    a = compress(model, None, feeds, CompressConfig(**cfg)).allocation
+    assert a["error"] == "output" and a["cost"] <= a["budget"]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert all("32" in e["output_error"] for e in index.values())
+    b = compress(model, None, feeds, CompressConfig(**dict(cfg, target_flops=0.4))).allocation
+    assert b["variants_solved"] == 0
