@@ -124,7 +124,8 @@ def _config_from_args(args: argparse.Namespace):
     return CompressConfig(
         **per_layer, **cands, target_flops=args.target_flops, target_size=args.target_size,
         target_bops=args.target_bops, database=args.database, allocation_error=args.allocation_error,
-        allocation_samples=args.allocation_samples, samples=args.samples, batch_size=args.batch_size,
+        allocation_samples=args.allocation_samples, stats_correction=args.stats_correction,
+        correction_samples=args.correction_samples, samples=args.samples, batch_size=args.batch_size,
         include=args.include, exclude=args.exclude,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
         accuracy_level=args.accuracy_level, opset=args.opset,
@@ -398,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--database", metavar="DIR",
                    help="keep the per-layer compressed variants and their errors in DIR: another target on the same "
                         "model, data and options reuses them (no calibration, no solve)")
+    sc = pc.add_argument_group("statistics correction")
+    sc.add_argument("--stats-correction", choices=["none", "mean", "affine"], default="none",
+                    help="after compression, per output channel of every compressed layer (in topological order): "
+                         "mean = shift its mean on the calibration data back to the dense model's (into the bias; "
+                         "one is created where there is none), affine = also its standard deviation (into the weight "
+                         "or its per-channel quantization scale, exact); default none")
+    sc.add_argument("--correction-samples", type=int, default=128, metavar="N",
+                    help="calibration samples the correction measures on (default 128)")
     a = pc.add_argument_group("activation quantization (W8A8)")
     a.add_argument("--act-bits", type=int, choices=[8], metavar="8",
                    help="also quantize activations to 8 bits with static per-tensor ranges from the calibration data: "

@@ -48,6 +48,8 @@ class CompressConfig(LayerSpec):
     database: str | None = None  # directory of the per-layer variant database (reused across targets)
     allocation_error: str = "layer"  # a variant's error: 'layer' (relative layer output error) or 'output'
     allocation_samples: int = 32  # calibration samples for --allocation-error output
+    stats_correction: str = "none"  # after compression: 'none', 'mean' or 'affine' per output channel
+    correction_samples: int = 128  # calibration samples the correction measures on
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +74,10 @@ class CompressConfig(LayerSpec):
                 raise ValueError(f"--target-{k} is a fraction of the dense cost in (0, 1], got {v}")
         if self.allocation_error not in ("layer", "output"):
             raise ValueError(f"--allocation-error must be 'layer' or 'output', got {self.allocation_error!r}")
+        if self.stats_correction not in ("none", "mean", "affine"):
+            raise ValueError(f"--stats-correction must be none, mean or affine, got {self.stats_correction!r}")
+        if self.correction_samples < 1:
+            raise ValueError(f"--correction-samples must be >= 1, got {self.correction_samples}")
         if self.allocation_samples < 1:
             raise ValueError(f"--allocation-samples must be >= 1, got {self.allocation_samples}")
         if self.target_size is not None and not self.matmulnbits:

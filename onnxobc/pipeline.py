@@ -71,6 +71,7 @@ class CompressResult:
     plan: list | None = None  # the plan that was used, one rule per layer (--plan format)
     cost: dict | None = None  # totals of the layers' costs
     allocation: dict | None = None  # compression to a target: budget, achieved cost, database use
+    correction: list | None = None  # --stats-correction: per layer, the mean shift removed and the std ratios
     extra: dict = field(default_factory=dict)  # not part of the report: 'model' holds the compressed ModelProto
 
     def to_dict(self) -> dict:
@@ -98,8 +99,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation = _compress_layers(
         work, todo, specs, calib, config, progress)
     weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
-    out_model, written = apply(work, todo, weights, ExportOptions.of(config),
-                               activations=act and (act[0], act[1]()))
+    out_model, written = apply(work, todo, weights, ExportOptions.of(config), activations=act and (act[0], act[1]()),
+                               correct=_correction(work, todo, calib, config, token_mask))
     t_eng = time.perf_counter() - t_eng - t_cal
     verify = _verify(original, out_model, calib, config) if config.verify else None  # before anything is written
     result = CompressResult(
@@ -110,7 +111,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
         input_bytes=original.ByteSize() if is_proto else model_file_bytes(model), verify=verify,
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
-        plan=plan_rules([l.name for l in layers], specs), allocation=allocation,
+        plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
     )
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
@@ -271,6 +272,19 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
 
 def _total(values: list) -> float | None:
     return None if any(v is None for v in values) else sum(values)
+
+
+def _correction(work: onnx.ModelProto, todo: list[Layer], calib: Any, config: CompressConfig, token_mask: str | None):
+    """The statistics-correction step for apply (None without --stats-correction): the dense layer outputs'
+    channel statistics are measured now, before the model is edited."""
+    if config.stats_correction == "none" or not todo:
+        return None
+    from . import correction
+
+    feeds = list(iter_batches(calib, input_specs(work), batch_size=config.batch_size,
+                              max_samples=config.correction_samples))
+    ref = correction.reference(work, todo, feeds, token_mask)
+    return lambda model: correction.correct(ref, model, todo, feeds, config.stats_correction, token_mask)
 
 
 def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib: Any, config: CompressConfig) -> dict:

@@ -51,13 +51,16 @@ class Written:
     layers: dict[str, str]
     activations: list | None = None
     sparse_storage: list | None = None
+    correction: list | None = None
 
 
 def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[np.ndarray, Grid | None]],
-          opts: ExportOptions, *, activations: tuple[list, dict] | None = None) -> tuple[onnx.ModelProto, Written]:
+          opts: ExportOptions, *, activations: tuple[list, dict] | None = None,
+          correct=None) -> tuple[onnx.ModelProto, Written]:
     """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
     IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
-    :func:`~onnxobc.export.actquant.plan_sites` and their parameters) and sparse storage. Returns the model
+    :func:`~onnxobc.export.actquant.plan_sites` and their parameters) and sparse storage. ``correct(model)``
+    (statistics correction) runs on the written weights before the activation pairs. Returns the model
     (a new object only when sparse storage re-encoded it) and what was written."""
     edit = GraphEdit(model)
     written: dict[str, str] = {}
@@ -76,6 +79,8 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
             written[layer.name] = write_back(edit, layer, w_new)
     edit.finish()
     out = Written(written)
+    if correct is not None:
+        out.correction = correct(model)
     if activations is not None:
         from .actquant import insert_activation_qdq
 

@@ -1,0 +1,63 @@
+"""Statistics correction: compressed layers' output channel means (and stds) back to the dense model's."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import graphs
+from golden_cases import calib
+from onnxobc import CompressConfig, compress
+from onnxobc.graph import find_layers
+
+
+def _outputs(model, feed, names):
+    from onnxobc.calibrate.hessian import augment
+
+    aug, fetch = augment(model, names)
+    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(fetch, sess.run(fetch, feed)))
+
+
+def _channel(y, axis):
+    y = np.moveaxis(np.asarray(y, np.float64), axis, -1).reshape(-1, y.shape[axis])
+    return y.mean(0), y.std(0)
+
+
+@pytest.mark.parametrize("case", ["mixed_cnn", "bert_like", "gemm_no_bias", "conv2d_no_bias", "matmul_2d"])
+@pytest.mark.parametrize("mode", ["mean", "affine"])
+@pytest.mark.parametrize("fmt", [dict(), dict(bits=4, qdq=True, opset=21)])
+def test_first_layer_statistics_restored(case, mode, fmt):
+    model = graphs.BUILDERS[case]()
+    feed = calib(model, 32)
+    opts = dict(sparsity=0.7) if not fmt else fmt
+    plain = compress(model, None, [feed], CompressConfig(**opts)).extra["model"]
+    fixed = compress(model, None, [feed], CompressConfig(**opts, stats_correction=mode, correction_samples=32,
+                                                         token_mask="none"))
+    layers, _ = find_layers(model)
+    first = layers[0]
+    out, axis = first.consumers[0].output_name, 1 if first.op == "Conv" else -1
+    readers = [n for n in model.graph.node if out in n.input]
+    if first.op == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add":
+        out = readers[0].output[0]  # the bias of a MatMul is the Add after it: corrected there
+    d = _channel(_outputs(model, feed, [out])[out], axis)
+    p = _channel(_outputs(plain, feed, [out])[out], axis)
+    c = _channel(_outputs(fixed.extra["model"], feed, [out])[out], axis)
+    scale = np.abs(d[0]).max() + d[1].max()
+    assert np.abs(p[0] - d[0]).max() > 1e-4 * scale  # compression did shift the means
+    np.testing.assert_allclose(c[0], d[0], atol=2e-5 * scale)
+    if mode == "affine":
+        np.testing.assert_allclose(c[1], d[1], rtol=2e-4, atol=1e-6 * scale)
+    onnx.checker.check_model(fixed.extra["model"])
+    assert [e for e in fixed.correction if "note" in e] == []
+    if fmt:  # the stored grid stays exact: codes unchanged, only scales (affine) and biases move
+        codes = lambda m: {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_quantized")}
+        a, b = codes(plain), codes(fixed.extra["model"])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_correction_report_and_shared_weight_note():
+    model = graphs.shared_weight()
+    feed = calib(model, 16)
+    res = compress(model, None, [feed], CompressConfig(sparsity=0.5, stats_correction="affine"))
+    assert res.correction and all("shared" in e["note"] for e in res.correction)
