@@ -123,7 +123,14 @@ def _config_from_args(args: argparse.Namespace):
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
+        batch_axes=_batch_axes(args),
     )
+
+
+def _batch_axes(args: argparse.Namespace) -> dict:
+    from .calibrate.data import parse_batch_axes
+
+    return parse_batch_axes(args.batch_axis)
 
 
 def _default_output(model: str) -> str:
@@ -205,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist: create it first")
     res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
                    batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
-                   progress=_progress_factory(args.quiet))
+                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args))
     if not args.quiet:
         print(f"{res.samples} samples in {res.batches} batches from {res.data}"
               + (f"; labels '{res.labels}' on output '{res.label_output}'" if res.labels else ""))
@@ -236,6 +243,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
+
+BATCH_AXIS_HELP = ("the axis of input NAME that indexes samples, or NAME=none to pass it whole with every batch "
+                   "(repeatable). Default: inferred from the model, the symbolic dim the inputs share (e.g. axis 1 of "
+                   "a state [2, N, 128] next to an input [N, 576]), else a dynamic axis 0")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -283,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--output", metavar="NAME", help="the class output the labels apply to (default: the first)")
     pe.add_argument("--samples", type=int, metavar="N", help="use at most N samples (default: all)")
     pe.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (default 32)")
+    pe.add_argument("--batch-axis", action="append", metavar="NAME=AXIS", help=BATCH_AXIS_HELP)
     pe.add_argument("--latency-runs", type=int, default=20, metavar="R",
                     help="timed runs per model on the first batch, after a warm-up run (default 20; 0 skips timing)")
     pe.add_argument("--json", metavar="FILE", help="also write the results as JSON (non-finite numbers as \"inf\")")
@@ -305,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--calib", required=True, metavar="DATA", help=".npz file or directory of .npz files")
     pc.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples (default: all)")
     pc.add_argument("--batch-size", type=int, default=32, metavar="B", help="calibration batch size (default 32)")
+    pc.add_argument("--batch-axis", action="append", metavar="NAME=AXIS", help=BATCH_AXIS_HELP)
     pc.add_argument("--token-mask", default="auto", metavar="INPUT",
                     help="[batch, sequence] input whose zeros mark padding tokens to leave out of the statistics of "
                          "MatMul/Gemm layers (default auto: an input named attention_mask; 'none' to disable)")

@@ -16,10 +16,11 @@ import onnx
 from . import __version__
 from .backend import get_xp, to_numpy
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
+from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
 from .engine.baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
 from .engine.metrics import error_terms
-from .errors import UnsupportedModel, UsageError
+from .errors import CalibrationError, UnsupportedModel, UsageError
 from .export.matmulnbits import replace_with_matmulnbits
 from .export.matmulnbits import supports as mnb_supports
 from .export.qdq import group_size_problem
@@ -203,7 +204,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
         raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
                          "iterator or reader")
-    specs = input_specs(src)
+    specs = input_specs(src, dict(config.batch_axes or ()))
     total = count_samples(calib, specs, config.samples) if isinstance(calib, (str, os.PathLike)) else None
     batches = iter_batches(calib, specs, batch_size=config.batch_size, max_samples=config.samples)
     t_cal = time.perf_counter()
@@ -215,9 +216,14 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
 
         sites, act_notes = plan_sites(src, selected)
         observers.append(RangeObserver([s.tensor for s in sites]))
-    stats = collect_hessians(src, selected, batches, progress=progress,
-                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                             observers=observers, hessians=config.method == "exact" or config.layer_error)
+    try:
+        stats = collect_hessians(src, selected, batches, progress=progress,
+                                 total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
+                                 observers=observers, hessians=config.method == "exact" or config.layer_error)
+    except CalibrationError as e:  # say how the inputs were sliced: a wrong batch axis fails inside ONNX Runtime
+        if "ONNX Runtime failed" not in str(e):
+            raise
+        raise CalibrationError(f"{e}; {describe_batch_axes(specs)}") from e
     t_cal = time.perf_counter() - t_cal
     samples = next(iter(stats.values())).samples
 
@@ -271,7 +277,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
 
         t_ver = time.perf_counter()
         ev = evaluate(src, out_model, calib, batch_size=config.batch_size,
-                      max_samples=config.verify_samples, latency_runs=0)
+                      max_samples=config.verify_samples, latency_runs=0, batch_axes=dict(config.batch_axes or ()))
         verify = ev.to_dict()
         verify["seconds"] = time.perf_counter() - t_ver
     result = CompressResult(

@@ -10,7 +10,6 @@ import logging
 import os
 import statistics
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +22,13 @@ from .. import __version__
 from ..calibrate.data import (
     InputSpec,
     _npz_files,
-    batched_inputs,
     count_samples,
+    describe_batch_axes,
+    effective_batch_size,
     feed_samples,
     input_specs,
     iter_batches,
+    npz_shapes,
 )
 from ..jsonutil import dumps
 from ..graph.model_io import model_file_bytes  # noqa: F401  (re-exported)
@@ -208,24 +209,11 @@ def _make_session(model: onnx.ModelProto, path: Path | None, so, which: str, nam
 
 # ---- labels ---------------------------------------------------------------------------------------------
 
-def _npy_shape(z: zipfile.ZipFile, key: str) -> tuple:
-    """Shape of one array of an .npz, from its header only."""
-    with z.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = reader(f)
-    return shape
-
-
 def _file_samples(f: Path, specs: list[InputSpec]) -> tuple[int | None, str | None]:
     """Samples in one .npz (as the batch reader cuts it) and the input that says so."""
-    try:
-        with zipfile.ZipFile(f) as z:
-            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-            counts = [(shape[0], k) for k in sorted(batched_inputs(specs)) if k in keys
-                      for shape in [_npy_shape(z, k)] if len(shape)]
-    except Exception as e:
-        raise CalibrationError(f"cannot read {f} as .npz ({type(e).__name__}: {e})") from e
+    shapes = npz_shapes(f)
+    counts = [(shapes[s.name][s.batch_axis], s.name) for s in sorted(specs, key=lambda s: s.name)
+              if s.batch_axis is not None and s.name in shapes and len(shapes[s.name]) > s.batch_axis]
     return min(counts) if counts else (None, None)
 
 
@@ -281,14 +269,16 @@ def _prepare_labels(labels: Any, data: Any, specs: list[InputSpec]) -> tuple[np.
 
 # ---- evaluation -----------------------------------------------------------------------------------------
 
-def _run(sess, names: list[str], feed: dict, which: str, name: str, batch: int) -> list[np.ndarray]:
+def _run(sess, names: list[str], feed: dict, which: str, name: str, batch: int,
+         specs: list[InputSpec] | None = None) -> list[np.ndarray]:
     try:
         return sess.run(names, feed)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in feed.items())
+        axes = f"; {describe_batch_axes(specs)}" if specs else ""
         raise CalibrationError(f"ONNX Runtime failed to run the {which} model {name} on batch {batch} "
-                               f"({shapes}): {msg}") from e
+                               f"({shapes}): {msg}{axes}") from e
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -301,7 +291,7 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os.PathLike | onnx.ModelProto,
              data: Any, *, labels: str | np.ndarray | None = None, label_output: str | None = None,
              batch_size: int = 32, max_samples: int | None = None, latency_runs: int = 20,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, batch_axes: dict[str, int | None] | None = None) -> EvalResult:
     """Run ``reference`` and ``candidate`` (paths or ModelProtos with the same interface) on ``data`` (an .npz
     path, a directory of .npz, or an iterable of {input_name: array} feeds) and compare every output.
 
@@ -309,6 +299,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     of both models is then reported for ``label_output`` (default: the first [N, K] float output). At most
     ``max_samples`` samples are used, in batches of ``batch_size``; ``latency_runs`` timed runs of each model on
     the first batch give the median latency (0 skips timing). Nothing is printed; ``progress`` wraps the batches.
+    Each input is sliced along its batch axis, inferred from the model's symbolic dims unless ``batch_axes``
+    ({input_name: axis, or None to pass it whole}) says otherwise.
     """
     progress = progress or _identity_progress
     t0 = time.perf_counter()
@@ -321,6 +313,7 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     ref_name, ref_model, ref_bytes, ref_path = _load(reference, "reference")
     cand_name, cand_model, cand_bytes, cand_path = _load(candidate, "candidate")
     specs, outs = check_interfaces(ref_model, cand_model, ref_name, cand_name)
+    specs = input_specs(ref_model, batch_axes)
 
     skipped = []
     compared: list[str] = []
@@ -340,8 +333,7 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     label_vec, label_desc, label_len_checked = _prepare_labels(labels, data, specs)
     is_path = isinstance(data, (str, os.PathLike))
     total = count_samples(data, specs, max_samples) if is_path else None
-    static = {s.static_batch for s in specs} - {None}
-    eff_batch = min(static) if static else batch_size
+    eff_batch = effective_batch_size(specs, batch_size)
     n_batches = -(-total // eff_batch) if total is not None else None
 
     so = _session_options()
@@ -357,8 +349,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     stream = iter_batches(data, specs, batch_size=batch_size, max_samples=max_samples)
     for feed in progress(stream, "eval", n_batches):
         n = feed_samples(feed, specs)
-        r_out = _run(ref_sess, compared, feed, "reference", ref_name, batches)
-        c_out = _run(cand_sess, compared, feed, "candidate", cand_name, batches)
+        r_out = _run(ref_sess, compared, feed, "reference", ref_name, batches, specs)
+        c_out = _run(cand_sess, compared, feed, "candidate", cand_name, batches, specs)
         lab = None
         if label_vec is not None:
             if first is None:
