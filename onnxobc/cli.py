@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .jsonutil import dumps
+from .paths import check_writable_outputs
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -148,9 +149,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     output = args.output or _default_output(args.model)
     report_path = Path(args.report) if args.report else None
-    if report_path is not None and report_path.exists() and not args.force:
-        _error(f"report {report_path} already exists: choose another path or pass --force", EXIT_USAGE)
-        return EXIT_USAGE
+    check_writable_outputs({"output": output, "--report": report_path}, args.force, [args.model, args.calib])
     result = compress(args.model, output, args.calib, cfg, force=args.force, progress=_progress_factory(args.quiet))
     data = result.to_dict()
     data.pop("extra", None)
@@ -202,14 +201,10 @@ def _fmt_metric(x: float | None, spec: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .errors import UsageError
     from .evaluate import evaluate
 
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and json_path.exists() and not args.force:
-        raise UsageError(f"--json {json_path} already exists: choose another path or pass --force to overwrite it")
-    if json_path is not None and not json_path.parent.exists():
-        raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist: create it first")
+    check_writable_outputs({"--json": json_path}, args.force, [args.reference, args.candidate, args.data])
     res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
                    batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
                    progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args))

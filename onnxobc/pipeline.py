@@ -27,6 +27,7 @@ from .export.qdq import group_size_problem
 from .export import LayerGrid, add_qdq_weight, ensure_opset, insert_nodes, remove_unused, save_model_atomic, write_back
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes
+from .paths import check_writable_outputs
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     out_path = None
     if output is not None:
         out_path = check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [], force)
+        check_writable_outputs([out_path], force=True)  # its directory accepts files (existence: just above)
     if isinstance(model, onnx.ModelProto):
         src = model
         try:
