@@ -63,10 +63,14 @@ class CompressConfig:
     act_calib: str = "minmax"
     act_percentile: float = 99.99
     batch_axes: tuple[tuple[str, int | None], ...] | None = None  # --batch-axis NAME=AXIS (None: pass whole)
+    verify_data: str | None = None  # --verify-data: held-out data for --verify (implies it); default calibration
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_axes, dict):
             object.__setattr__(self, "batch_axes", tuple(self.batch_axes.items()) or None)
+        if self.verify_data is not None:
+            object.__setattr__(self, "verify_data", str(self.verify_data))
+            object.__setattr__(self, "verify", True)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.nm is not None:

@@ -203,7 +203,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         raise UsageError(f"--include/--exclude left none of the {len(layers)} layers: run `onnxobc inspect` to see their names")
     if config.device == "cuda":
         get_xp("cuda")  # fail early and clearly when there is no GPU
-    if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
+    if config.verify_data is not None and not os.path.exists(config.verify_data):
+        raise UsageError(f"--verify-data {config.verify_data}: no such file or directory")
+    if config.verify and config.verify_data is None and not isinstance(calib, (str, os.PathLike, list, tuple)):
         raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
                          "iterator or reader")
     specs = input_specs(src, dict(config.batch_axes or ()))
@@ -278,9 +280,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         from .evaluate import evaluate
 
         t_ver = time.perf_counter()
-        ev = evaluate(src, out_model, calib, batch_size=config.batch_size,
-                      max_samples=config.verify_samples, latency_runs=0, batch_axes=dict(config.batch_axes or ()))
+        held_out = config.verify_data is not None  # else in-sample: the first calibration samples, no more
+        ev = evaluate(src, out_model, config.verify_data if held_out else calib, batch_size=config.batch_size,
+                      max_samples=config.verify_samples if held_out else min(config.verify_samples, samples),
+                      latency_runs=0, batch_axes=dict(config.batch_axes or ()))
         verify = ev.to_dict()
+        verify["in_sample"] = not held_out
         verify["seconds"] = time.perf_counter() - t_ver
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None, config=config.to_dict(), layers=reports,

@@ -281,6 +281,48 @@ def _run(sess, names: list[str], feed: dict, which: str, name: str, batch: int,
                                f"({shapes}): {msg}{axes}") from e
 
 
+@dataclass(frozen=True)
+class OutputSlice:
+    """Part of an output compared on its own: ``output[..., start:stop, ...]`` along ``axis`` (never axis 0, the
+    samples)."""
+
+    output: str
+    axis: int
+    start: int | None
+    stop: int | None
+
+    def index(self, ndim: int) -> tuple:
+        axis = self.axis + ndim if self.axis < 0 else self.axis
+        if not 1 <= axis < ndim:
+            raise UsageError(f"--slice {self.label}: axis {self.axis} is not an axis of output '{self.output}' beyond "
+                             f"the samples (its rank is {ndim}; axis 0 indexes samples)")
+        return (slice(None),) * axis + (slice(self.start, self.stop),)
+
+    @property
+    def label(self) -> str:
+        part = f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+        lead = ":, " * self.axis if self.axis >= 0 else "..., "
+        tail = "" if self.axis >= 0 else ", :" * (-self.axis - 1)
+        return f"{self.output}[{lead}{part}{tail}]"
+
+
+def parse_slice(text: str, outputs: list[str]) -> OutputSlice:
+    """'NAME:AXIS:START:STOP' (START or STOP may be empty) -> OutputSlice, checked against the output names."""
+    parts = str(text).rsplit(":", 3)
+    if len(parts) != 4 or not parts[0]:
+        raise UsageError(f"--slice must look like NAME:AXIS:START:STOP (e.g. output0:2:5:85), got {text!r}")
+    name, *nums = parts
+    try:
+        axis, start, stop = (int(x) if x.strip() else None for x in nums)
+    except ValueError:
+        raise UsageError(f"--slice {text}: AXIS, START and STOP must be integers (START/STOP may be empty)") from None
+    if axis is None or axis == 0:
+        raise UsageError(f"--slice {text}: give an AXIS other than 0 (axis 0 indexes samples)")
+    if name not in outputs:
+        raise UsageError(f"--slice {text}: no numeric output '{name}' (outputs: {', '.join(outputs)})")
+    return OutputSlice(name, axis, start, stop)
+
+
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -291,7 +333,8 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os.PathLike | onnx.ModelProto,
              data: Any, *, labels: str | np.ndarray | None = None, label_output: str | None = None,
              batch_size: int = 32, max_samples: int | None = None, latency_runs: int = 20,
-             progress: Progress | None = None, batch_axes: dict[str, int | None] | None = None) -> EvalResult:
+             progress: Progress | None = None, batch_axes: dict[str, int | None] | None = None,
+             slices: list[str] | None = None) -> EvalResult:
     """Run ``reference`` and ``candidate`` (paths or ModelProtos with the same interface) on ``data`` (an .npz
     path, a directory of .npz, or an iterable of {input_name: array} feeds) and compare every output.
 
@@ -300,7 +343,9 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     ``max_samples`` samples are used, in batches of ``batch_size``; ``latency_runs`` timed runs of each model on
     the first batch give the median latency (0 skips timing). Nothing is printed; ``progress`` wraps the batches.
     Each input is sliced along its batch axis, inferred from the model's symbolic dims unless ``batch_axes``
-    ({input_name: axis, or None to pass it whole}) says otherwise.
+    ({input_name: axis, or None to pass it whole}) says otherwise. ``slices`` ("NAME:AXIS:START:STOP", e.g.
+    "boxes:2:5:85" for a detector's class scores) add rows for parts of outputs, so that large values in one part
+    (box coordinates) do not hide the error in another (class scores).
     """
     progress = progress or _identity_progress
     t0 = time.perf_counter()
@@ -330,6 +375,7 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     if label_output is not None and label_output not in compared:
         raise UsageError(f"--output {label_output}: no such numeric output (outputs: {', '.join(compared)})")
 
+    cuts = [parse_slice(x, compared) for x in (slices or [])]
     label_vec, label_desc, label_len_checked = _prepare_labels(labels, data, specs)
     is_path = isinstance(data, (str, os.PathLike))
     total = count_samples(data, specs, max_samples) if is_path else None
@@ -369,6 +415,13 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
                 raise CalibrationError(f"output '{name}' on batch {batches}: the reference gives shape {list(r.shape)}, "
                                        f"the candidate {list(c.shape)}; the models do not compute the same thing")
             accs[name].update(r, c, n, lab if name == target else None)
+        for cut in cuts:
+            r, c = (out[compared.index(cut.output)] for out in (r_out, c_out))
+            index = cut.index(r.ndim)
+            if r.size and not r[index].size:
+                raise UsageError(f"--slice {cut.label}: selects no element of output '{cut.output}' "
+                                 f"(shape {list(r.shape)})")
+            accs.setdefault(cut.label, OutputAccumulator(cut.label)).update(r[index], c[index], n)
         if first is None:
             first = feed
         seen += n
@@ -399,7 +452,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     return EvalResult(
         reference=ref_name, candidate=cand_name, data=str(data) if is_path else f"<{type(data).__name__}>",
         samples=seen, batches=batches, batch_size=eff_batch if is_path else None,
-        outputs=[accs[n].result() for n in compared], skipped_outputs=skipped, labels=label_desc,
+        outputs=[accs[n].result() for n in compared] + [accs[c.label].result() for c in cuts],
+        skipped_outputs=skipped, labels=label_desc,
         label_output=target if label_vec is not None else None, reference_bytes=ref_bytes,
         candidate_bytes=cand_bytes, latency_ms=latency, seconds=time.perf_counter() - t0,
     )

@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..calibrate.ranges import ActQuantParams
-from ..graph.layers import GraphIndex, Layer
+from ..graph.layers import LAYER_OPS, QUANTIZED_OPS, GraphIndex, Layer
 from .writeback import NameAllocator, remove_unused
 
 HOP_OPS = ("Relu", "Clip")
@@ -121,6 +121,25 @@ def _spatial_zero_pads(ix: GraphIndex, t: str) -> list[int] | None:
     return begins[2:] + ends[2:]
 
 
+def _is_stem(ix: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` is computed from the graph inputs without passing any Gemm / MatMul / Conv (or
+    integer) layer: the input of a network's first layer, after any normalisation."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        idx = ix.producer.get(t)
+        if idx is None:
+            continue
+        node = ix.node(idx)
+        if node.op_type in LAYER_OPS or node.op_type in QUANTIZED_OPS:
+            return False
+        stack.extend(node.input)
+    return True
+
+
 def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSite], list[str]]:
     """The activation tensors to quantize for ``layers`` (see the module docstring), and notes on the ones
     left in float (not float32, graph outputs)."""
@@ -134,8 +153,9 @@ def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSit
 
     for layer in layers:
         if layer.op == "Conv" and layer.groups == 1 and layer.cols < MIN_INT8_FAN_IN:
-            notes.append(f"{layer.name}: stem Conv with fan-in {layer.cols} keeps float activations "
-                         "(its integer kernel is slower than the float one)")
+            what = "stem Conv" if _is_stem(ix, layer.consumers[0].input_name) else "Conv"
+            notes.append(f"{layer.name}: {what} with fan-in {layer.cols} (below {MIN_INT8_FAN_IN}) keeps float "
+                         "activations (its integer kernel is slower than the float one)")
             continue
         for c in layer.consumers:
             node = ix.node(c.node_index)
