@@ -163,3 +163,18 @@ def test_uninferable_axis_fails_with_what_was_inferred_and_override_fixes_it(tmp
     assert main(["eval", str(path), str(out), "--data", str(tmp_path / "calib.npz"), "--latency-runs", "0", "--batch-size", "8",
                  "--batch-axis", "state=1", "-q"]) == 0
     assert main(["eval", str(path), str(out), "--data", str(tmp_path / "calib.npz"), "--batch-axis", "state:1"]) == 2
+
+
+@pytest.mark.parametrize("shapes, want", [
+    ({"x": [-1, 3, "?", "?"]}, {"x": 0}),  # a Paddle export: -1 batch, '?' for both H and W
+    ({"x": ["N", 3, "H", "W"]}, {"x": 0}),
+    ({"x": ["unk__1", 224, 224, 3], "y": ["unk__2", 10]}, {"x": 0, "y": 0}),  # tf2onnx: one name per input
+    ({"x": [1, 3, 8, 8], "flag": [1]}, {"x": 0, "flag": 0}),  # fully static: a fixed batch of 1
+    ({"seq": ["T", "N", 16], "h": [2, "N", 8], "x": ["N", 4]}, {"seq": 1, "h": 1, "x": 0}),
+    ({"x": ["N", 8], "table": [10, 4]}, {"x": 0, "table": None}),
+])
+def test_batch_axis_inference_cases(shapes, want):
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()]
+    g = helper.make_graph([helper.make_node("Identity", [next(iter(shapes))], ["y_out"])], "t", inputs,
+                          [helper.make_tensor_value_info("y_out", TensorProto.FLOAT, None)])
+    assert {s.name: s.batch_axis for s in input_specs(helper.make_model(g))} == want

@@ -70,6 +70,12 @@ def parse_batch_axes(items: Iterable[str] | dict | None) -> dict[str, int | None
     return out
 
 
+def _placeholder(dim: str) -> bool:
+    """A symbolic dim name that only means 'unknown' (tf2onnx's unk__N, '?', a number)."""
+    d = dim.strip()
+    return d in ("?", "-1", "None") or d.lstrip("-").isdigit() or d.startswith("unk__")
+
+
 def _infer_batch_axes(raw: list[tuple[str, tuple]]) -> dict[str, tuple[int | None, str]]:
     """Each input's sample axis: the axis holding the symbolic dim that the inputs share as their batch dim.
 
@@ -77,16 +83,19 @@ def _infer_batch_axes(raw: list[tuple[str, tuple]]) -> dict[str, tuple[int | Non
     then earliest; an input that holds it is sliced along (the first) axis with it, e.g. ``state [2, N, 128]``
     along axis 1. An input without it is sliced along axis 0 when that axis is dynamic, else passed whole (a flag,
     a fixed table, a scalar sample rate). A model without any dynamic dim is sliced along axis 0 (fixed batch).
+    Placeholder names ('?', 'unk__12', '-1'-like) and names repeated within one input ('?' for both H and W of an
+    image) say nothing about sharing, and a name never at axis 0 is not taken for the batch dim.
     """
     score: dict[str, list] = {}
     for i, (_, shape) in enumerate(raw):
-        seen = set()
+        names = [d for d in shape if isinstance(d, str) and d]
         for ax, d in enumerate(shape):
-            if isinstance(d, str) and d and d not in seen:
-                seen.add(d)
-                sc = score.setdefault(d, [0, 0, -i, -ax])
-                sc[0] += ax == 0
-                sc[1] += 1
+            if not isinstance(d, str) or not d or names.count(d) > 1 or _placeholder(d):
+                continue
+            sc = score.setdefault(d, [0, 0, -i, -ax])
+            sc[0] += ax == 0
+            sc[1] += 1
+    score = {k: v for k, v in score.items() if v[0] > 0}
     sym = max(score, key=lambda k: tuple(score[k])) if score else None
     any_dynamic = any(not (isinstance(d, int) and d > 0) for _, shape in raw for d in shape)
     out: dict[str, tuple[int | None, str]] = {}

@@ -251,8 +251,9 @@ def _prepare_labels(labels: Any, data: Any, specs: list[InputSpec]) -> tuple[np.
                 lab = z[labels]
             if lab.ndim == 0 or (n is not None and lab.shape[0] != n):
                 got = "a scalar" if lab.ndim == 0 else f"{lab.shape[0]} entries"
+                axis = next(s.batch_axis for s in specs if s.name == input_name) if input_name else 0
                 raise CalibrationError(f"labels '{labels}' in {f} hold {got} but the data has {n} samples "
-                                       f"(axis 0 of '{input_name}'): give exactly one label per sample")
+                                       f"(axis {axis} of '{input_name}'): give exactly one label per sample")
             parts.append(_as_label_vector(lab, f"labels '{labels}' in {f}"))
         return np.concatenate(parts), labels, True
     if isinstance(labels, (np.ndarray, list, tuple)):
