@@ -190,10 +190,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if config.qdq:
         src = ensure_opset(src, config.bits, config.opset, blocked=config.group_size is not None)  # a converted copy when the opset must rise
     if config.act_bits:
-        from .export.actquant import fold_zero_pads
+        from .export.actquant import fold_batchnorm, fold_zero_pads
 
         src = copy.deepcopy(src)  # never the caller's ModelProto
         fold_zero_pads(src)  # zero Pads -> Conv pads, so that DQ -> Conv stays fusable (exact)
+        fold_batchnorm(src)  # BN into the Conv before it: one activation grid after the per-channel gain
     layers, skipped = find_layers(src)
     selected = select_layers(layers, config.include, config.exclude)
     if not layers:
