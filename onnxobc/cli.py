@@ -375,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat; needs --bits 8 (stored as "
                         "symmetric int8), "
                         "implies --format qdq")
-    a.add_argument("--act-calib", choices=["minmax", "percentile", "mse"], default="minmax",
-                   help="activation range: observed min-max (default), a percentile, or the MSE-optimal clipping")
+    a.add_argument("--act-calib", choices=["minmax", "percentile", "mse", "search"], default="minmax",
+                   help="activation range: observed min-max (default), a percentile, the MSE-optimal clipping, or "
+                        "search: ranges chosen by the model's output error on calibration samples (ONNX Runtime runs), "
+                        "the costliest tensors kept in float until W8A8 is within 2x of the weight-only error (reported)")
     a.add_argument("--act-percentile", type=float, default=99.99, metavar="P",
                    help="percentile for --act-calib percentile (default 99.99; the low end uses 100 - P)")
     x = pc.add_argument_group("output format")

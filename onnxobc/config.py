@@ -8,7 +8,7 @@ METHODS = ("exact", "magnitude", "rtn")
 GRIDS = ("minmax", "mse")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
-ACT_CALIB = ("minmax", "percentile", "mse")
+ACT_CALIB = ("minmax", "percentile", "mse", "search")
 
 
 def parse_nm(text: str | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -206,6 +206,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         get_xp("cuda")  # fail early and clearly when there is no GPU
     if config.verify_data is not None and not os.path.exists(config.verify_data):
         raise UsageError(f"--verify-data {config.verify_data}: no such file or directory")
+    if config.act_calib == "search" and config.act_bits and not isinstance(calib, (str, os.PathLike, list, tuple)):
+        raise UsageError("--act-calib search reads the calibration data twice: pass a path or a list of feeds")
     if config.verify and config.verify_data is None and not isinstance(calib, (str, os.PathLike, list, tuple)):
         raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
                          "iterator or reader")
@@ -264,9 +266,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if config.act_bits:
         from .export.actquant import insert_activation_qdq
 
-        params = insert_activation_qdq(out_model, sites, {
-            s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
-            for s in sites})
+        act_params = {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib, config.act_percentile)
+                      for s in sites}
+        if config.act_calib == "search":
+            from .calibrate.actsearch import search_notes, search_activation_ranges
+
+            feeds = list(iter_batches(calib, specs, batch_size=config.batch_size, max_samples=min(samples, 64)))
+            sites, act_params, search = search_activation_ranges(src, out_model, sites, act_params, observers[0],
+                                                                 feeds, insert_activation_qdq, config.act_bits)
+            act_notes += search_notes(search)
+        params = insert_activation_qdq(out_model, sites, act_params)
         act_report = [dict(tensor=s.tensor, used_as=s.why, **asdict(params[s.tensor])) for s in sites]
         act_report += [dict(note=n) for n in act_notes]
     sparse_report = None

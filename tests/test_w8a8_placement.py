@@ -100,3 +100,65 @@ def test_w8a8_folds_batchnorm_and_gets_closer_to_the_dense_model(monkeypatch):
     monkeypatch.setattr(aq, "fold_batchnorm", lambda m: 0)
     kept_err = err(compress(model, None, calib, cfg).extra["model"])
     assert folded_err < 0.5 * kept_err, (folded_err, kept_err)
+
+
+# ---- --act-calib search -----------------------------------------------------------------------------------
+
+def outlier_mlp():
+    """X [N, 16] -> MatMul -> t1 (channel 0 a thousand times the others) -> MatMul -> Y, where Y reads only the
+    small channels: one per-tensor grid on t1 rounds all of them to zero."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((16, 16)).astype(np.float32) * 0.01
+    w1[:, 0] *= 1e5
+    w2 = rng.standard_normal((16, 8)).astype(np.float32) * 100
+    w2[0] = 0
+    nodes = [helper.make_node("MatMul", ["X", "w1"], ["t1"], name="mm1"),
+             helper.make_node("MatMul", ["t1", "w2"], ["Y"], name="mm2")]
+    g = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+
+
+def test_search_keeps_the_costly_tensor_float_and_reports_it():
+    model = outlier_mlp()
+    calib = [graphs.make_feed(model, 32, seed=s) for s in range(2)]
+    feed = {"X": np.concatenate([c["X"] for c in calib])}
+    ref = _run(model, feed)[0]
+
+    def err(m):
+        return float(np.linalg.norm(_run(m, feed)[0] - ref) / np.linalg.norm(ref))
+
+    w8 = err(compress(model, None, calib, CompressConfig(bits=8, method="rtn")).extra["model"])
+    plain = err(compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn")).extra["model"])
+    res = compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
+    searched = err(res.extra["model"])
+    assert plain > 0.5 and searched < 3 * w8 and searched < 0.03, (w8, plain, searched)  # X stays quantized
+    notes = [a["note"] for a in res.activations if "note" in a]
+    assert any(n.startswith("t1: kept float") for n in notes), notes
+    assert any("range search on 64 calibration samples (in-sample" in n for n in notes)
+    q_inputs = {n.input[0] for n in res.extra["model"].graph.node if n.op_type == "QuantizeLinear"}
+    assert "t1" not in q_inputs and "X" in q_inputs
+    assert [a["tensor"] for a in res.activations if "tensor" in a] == ["X"]
+
+
+def test_search_scores_logits_behind_softmax_and_needs_rereadable_data():
+    from onnxobc.calibrate.actsearch import scored_tensors
+
+    nodes = [helper.make_node("MatMul", ["X", "w"], ["z"], name="mm"),
+             helper.make_node("Softmax", ["z"], ["p"], name="sm", axis=-1),
+             helper.make_node("Reshape", ["p", "shape"], ["p2"], name="r"),
+             helper.make_node("Identity", ["p2"], ["P"], name="id"),
+             helper.make_node("Relu", ["z"], ["R"], name="relu")]
+    g = helper.make_graph(nodes, "sm", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("P", TensorProto.FLOAT, ["N", 3]),
+                           helper.make_tensor_value_info("R", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+                           numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+    assert scored_tensors(model) == ["z", "R"]
+    from onnxobc.errors import UsageError
+
+    with pytest.raises(UsageError, match="reads the calibration data twice"):
+        compress(model, None, iter([graphs.make_feed(model, 4)]),
+                 CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
