@@ -115,7 +115,8 @@ class OutputProbe:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.sess = inference_session(m, so)
-        self.feeds = list(iter_batches(calib, input_specs(model), batch_size=config.batch_size, max_samples=samples))
+        self.feeds = list(iter_batches(calib, input_specs(model, dict(config.batch_axes or ())),
+                                        batch_size=config.batch_size, max_samples=samples))
         self.ref = [self.sess.run(None, {**f, **self.dense}) for f in self.feeds]
 
     def error(self, layer: Layer, weight: np.ndarray) -> float:

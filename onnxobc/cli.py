@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .jsonutil import dumps
+from .paths import check_writable_outputs
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -46,6 +47,27 @@ def format_table(headers: list[str], rows: list[list[str]], right: set[int] | No
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+NAME_WIDTH = 48
+
+
+def short_names(names: list[str], width: int = NAME_WIDTH) -> list[str]:
+    """Names for a table column: those longer than ``width`` keep their end (tf2onnx / torch names differ at the
+    end: '.../block_3/conv2d/Conv2D'), or their start and end where two ends collide; the JSON keeps them whole."""
+    def tail(n: str) -> str:
+        return n if len(n) <= width else "..." + n[-(width - 3):]
+
+    def middle(n: str) -> str:
+        head = width // 3
+        return n if len(n) <= width else n[:head] + "..." + n[-(width - head - 3):]
+
+    out = [tail(n) for n in names]
+    counts: dict[str, int] = {}
+    for n in out:
+        counts[n] = counts.get(n, 0) + 1
+    out = [middle(full) if counts[n] > 1 else n for n, full in zip(out, names)]
+    return [o if out.count(o) == 1 or o == full else full for o, full in zip(out, names)]
 
 
 def _progress_factory(quiet: bool):
@@ -89,7 +111,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {len(layers)} compressible layers, {_fmt_int(info['total_params'])} parameters, "
           f"opsets {', '.join(f'{k} {v}' for k, v in info['opsets'].items())}")
     rows = []
-    for l in info["layers"]:
+    for l, short in zip(info["layers"], short_names([l["name"] for l in info["layers"]])):
         extra = []
         if len(l["nodes"]) > 1:
             extra.append("shared by " + ", ".join(l["nodes"]))
@@ -97,7 +119,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             extra.append("via " + " > ".join([l["source"]] + l["chain"]))
         elif l["source"] == "constant":
             extra.append("Constant node")
-        rows.append([l["name"], l["op"], "x".join(map(str, l["weight_shape"])), f"{l['rows']}x{l['C']}",
+        rows.append([short, l["op"], "x".join(map(str, l["weight_shape"])), f"{l['rows']}x{l['C']}",
                      str(l["groups"]), _fmt_int(l["params"]), _fmt_int(l["macs"]), "; ".join(extra)])
     if rows:
         print(format_table(["layer", "op", "weight", "rows x C", "groups", "params", "MACs/sample", "note"], rows,
@@ -133,7 +155,14 @@ def _config_from_args(args: argparse.Namespace):
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
+        batch_axes=_batch_axes(args), verify_data=args.verify_data,
     )
+
+
+def _batch_axes(args: argparse.Namespace) -> dict:
+    from .calibrate.data import parse_batch_axes
+
+    return parse_batch_axes(args.batch_axis)
 
 
 def _number_or_list(typ):
@@ -186,17 +215,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     output = args.output or _default_output(args.model)
     report_path = Path(args.report) if args.report else None
-    if report_path is not None and report_path.exists() and not args.force:
-        _error(f"report {report_path} already exists: choose another path or pass --force", EXIT_USAGE)
-        return EXIT_USAGE
+    check_writable_outputs({"output": output, "--report": report_path}, args.force, [args.model, args.calib])
     result = compress(args.model, output, args.calib, cfg, force=args.force, progress=_progress_factory(args.quiet))
     data = result.to_dict()
     data.pop("extra", None)
     if not args.quiet:
         rows = []
-        for l in result.layers:
+        for l, short in zip(result.layers, short_names([l.name for l in result.layers])):
             bits = str(l.bits) if l.bits else "-"
-            rows.append([l.name, l.op, l.shape, l.method, f"{l.sparsity:.1%}", bits, "-" if l.error is None else f"{l.error:.2e}",
+            rows.append([short, l.op, l.shape, l.method, f"{l.sparsity:.1%}", bits, "-" if l.error is None else f"{l.error:.2e}",
                          f"{l.seconds:.2f}", l.note])
         print(format_table(["layer", "op", "shape", "method", "sparsity", "bits", "error", "seconds", "note"], rows,
                            right={4, 5, 6, 7}))
@@ -226,10 +253,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print(f"activations: {len(acts)} tensors quantized to {cfg.act_bits} bits per tensor ({cfg.act_calib} ranges)"
                   + "".join(f"\n  note: {n}" for n in notes))
         if result.verify is not None:
-            for o in result.verify["outputs"]:
+            v = result.verify
+            print(f"verify on {v['samples']} samples of {v['data']}" + (
+                " (in-sample: the calibration samples, which the compression fitted; --verify-data FILE for "
+                "held-out data)" if v.get("in_sample") else " (held-out)"))
+            for o in v["outputs"]:
                 agree = f", top-1 agreement {o['top1']:.2%}" if o.get("top1") is not None else ""
-                print(f"verify ({result.verify['samples']} calibration samples): output '{o['name']}' rel L2 "
-                      f"{o['rel_l2']:.3e}, SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}{agree}")
+                cos = f", cosine {o['cosine']:.5f}" if o.get("cosine") is not None else ""
+                print(f"  output '{o['name']}' rel L2 {o['rel_l2']:.3e}, SQNR {o['sqnr_db']:.1f} dB{cos}{agree}")
         print(f"wrote {result.output} ({_fmt_bytes(result.output_bytes)}; input {_fmt_bytes(result.input_bytes)})")
     if report_path is not None:
         tmp = report_path.with_name(report_path.name + ".tmp")
@@ -247,17 +278,13 @@ def _fmt_metric(x: float | None, spec: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .errors import UsageError
     from .evaluate import evaluate
 
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and json_path.exists() and not args.force:
-        raise UsageError(f"--json {json_path} already exists: choose another path or pass --force to overwrite it")
-    if json_path is not None and not json_path.parent.exists():
-        raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist: create it first")
+    check_writable_outputs({"--json": json_path}, args.force, [args.reference, args.candidate, args.data])
     res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
                    batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
-                   progress=_progress_factory(args.quiet))
+                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args), slices=args.slice)
     if not args.quiet:
         print(f"{res.samples} samples in {res.batches} batches from {res.data}"
               + (f"; labels '{res.labels}' on output '{res.label_output}'" if res.labels else ""))
@@ -289,6 +316,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- parser ---------------------------------------------------------------------------------------------
 
+BATCH_AXIS_HELP = ("the axis of input NAME that indexes samples, or NAME=none to pass it whole with every batch "
+                   "(repeatable). Default: inferred from the model, the symbolic dim the inputs share (e.g. axis 1 of "
+                   "a state [2, N, 128] next to an input [N, 576]), else a dynamic axis 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onnxobc",
@@ -315,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the same data and report, per output (r: reference, c: candidate):\n"
                     "  rel L2    ||c - r|| / ||r|| over all elements and samples\n"
                     "  SQNR dB   10 log10(||r||^2 / ||c - r||^2) (inf when identical)\n"
-                    "  cosine    mean over samples of the cosine of r and c (each sample flattened)\n"
+                    "  cosine    mean over samples of the cosine of r and c (each sample flattened; '-' for outputs\n"
+                    "            of one value per sample such as [N, 1], where it is only a sign)\n"
                     "  top-1     class outputs ([N, K] floats): fraction of samples with the same argmax\n"
                     "  top-5     class outputs: fraction of samples whose candidate top-1 class is among the\n"
                     "            reference's top-5 classes (top-K when K < 5; ties count for the candidate)\n"
@@ -324,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  onnxobc eval model.onnx model.obc.onnx --data test.npz\n"
                "  onnxobc eval model.onnx model.obc.onnx --data test.npz --labels label --json eval.json\n"
+               "  onnxobc eval det.onnx det.obc.onnx --data test.npz --slice output0:2:0:4 --slice output0:2:5:85\n"
                "data: an .npz whose keys are the models' input names (axis 0 = samples), or a folder of them; "
                "other arrays (labels) are ignored.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -335,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--output", metavar="NAME", help="the class output the labels apply to (default: the first)")
     pe.add_argument("--samples", type=int, metavar="N", help="use at most N samples (default: all)")
     pe.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (default 32)")
+    pe.add_argument("--batch-axis", action="append", metavar="NAME=AXIS", help=BATCH_AXIS_HELP)
+    pe.add_argument("--slice", action="append", metavar="NAME:AXIS:START:STOP",
+                    help="also report the part START:STOP along AXIS of output NAME on its own row (repeatable), e.g. "
+                         "a detector's class scores (output0:2:5:85) apart from its box coordinates (output0:2:0:4)")
     pe.add_argument("--latency-runs", type=int, default=20, metavar="R",
                     help="timed runs per model on the first batch, after a warm-up run (default 20; 0 skips timing)")
     pe.add_argument("--json", metavar="FILE", help="also write the results as JSON (non-finite numbers as \"inf\")")
@@ -357,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--calib", required=True, metavar="DATA", help=".npz file or directory of .npz files")
     pc.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples (default: all)")
     pc.add_argument("--batch-size", type=int, default=32, metavar="B", help="calibration batch size (default 32)")
+    pc.add_argument("--batch-axis", action="append", metavar="NAME=AXIS", help=BATCH_AXIS_HELP)
     pc.add_argument("--token-mask", default="auto", metavar="INPUT",
                     help="[batch, sequence] input whose zeros mark padding tokens to leave out of the statistics of "
                          "MatMul/Gemm layers (default auto: an input named attention_mask; 'none' to disable)")
@@ -414,8 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat; needs --bits 8 (stored as "
                         "symmetric int8), "
                         "implies --format qdq")
-    a.add_argument("--act-calib", choices=["minmax", "percentile", "mse"], default="minmax",
-                   help="activation range: observed min-max (default), a percentile, or the MSE-optimal clipping")
+    a.add_argument("--act-calib", choices=["minmax", "percentile", "mse", "search"], default="minmax",
+                   help="activation range: observed min-max (default), a percentile, the MSE-optimal clipping, or "
+                        "search: ranges chosen by the model's output error on calibration samples (ONNX Runtime runs), "
+                        "the costliest tensors kept in float until W8A8 is within 2x of the weight-only error (reported)")
     a.add_argument("--act-percentile", type=float, default=99.99, metavar="P",
                    help="percentile for --act-calib percentile (default 99.99; the low end uses 100 - P)")
     x = pc.add_argument_group("output format")
@@ -436,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "small decode subgraph that ONNX Runtime folds at load time: smaller files, same outputs")
     x.add_argument("--verify", action="store_true",
                    help="before writing, run the dense and the compressed model in ONNX Runtime on calibration "
-                        "samples and print how well their outputs agree (fails if the new graph does not load or run)")
-    x.add_argument("--verify-samples", type=int, default=64, metavar="N", help="samples for --verify (default 64)")
+                        "samples (in-sample: optimistic) and print how well their outputs agree (fails if the new "
+                        "graph does not load or run)")
+    x.add_argument("--verify-samples", type=int, default=64, metavar="N",
+                   help="samples for --verify (default 64; with calibration data at most those calibrated on)")
+    x.add_argument("--verify-data", metavar="DATA",
+                   help="verify on this held-out .npz (or folder) instead of the calibration samples (implies --verify)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from .engine.spec import DEVICES, DTYPES, GRIDS, METHODS, LayerSpec, check_method, parse_nm  # noqa: F401
 from .plan import parse_rules
 
-ACT_CALIB = ("minmax", "percentile", "mse")
+ACT_CALIB = ("minmax", "percentile", "mse", "search")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,15 @@ class CompressConfig(LayerSpec):
     allocation_samples: int = 32  # calibration samples for --allocation-error output
     stats_correction: str = "none"  # after compression: 'none', 'mean' or 'affine' per output channel
     correction_samples: int = 128  # calibration samples the correction measures on
+    batch_axes: tuple[tuple[str, int | None], ...] | None = None  # --batch-axis NAME=AXIS (None: pass whole)
+    verify_data: str | None = None  # --verify-data: held-out data for --verify (implies it); default calibration
 
     def __post_init__(self) -> None:
+        if isinstance(self.batch_axes, dict):
+            object.__setattr__(self, "batch_axes", tuple(self.batch_axes.items()) or None)
+        if self.verify_data is not None:
+            object.__setattr__(self, "verify_data", str(self.verify_data))
+            object.__setattr__(self, "verify", True)
         super().__post_init__()
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")

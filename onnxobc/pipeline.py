@@ -17,12 +17,14 @@ import onnx
 from ._version import __version__
 from .backend import get_xp
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
+from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
 from .engine import LayerResult, LayerSpec, Problem, solve
-from .errors import UnsupportedModel, UsageError
+from .errors import CalibrationError, UnsupportedModel, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes
+from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
 log = logging.getLogger(__name__)
@@ -91,18 +93,22 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     t0 = time.perf_counter()
     is_proto = isinstance(model, onnx.ModelProto)
     out_path = None if output is None else check_output_path(output, [] if is_proto else [model], force)
+    if out_path is not None:
+        check_writable_outputs([out_path], force=True)  # its directory accepts files (existence: just above)
     original = _load(model)
     in_name = "<ModelProto>" if is_proto else str(model)
-    work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=is_proto or config.verify)
+    work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=(
+        is_proto or config.verify or config.act_calib == "search"))
     todo = [l for l in selected if specs[l.name] is not None]
     t_eng = time.perf_counter()
     specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation = _compress_layers(
         work, todo, specs, calib, config, progress)
     weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
-    out_model, written = apply(work, todo, weights, ExportOptions.of(config), activations=act and (act[0], act[1]()),
+    out_model, written = apply(work, todo, weights, ExportOptions.of(config),
+                               activations=act and functools.partial(_act_params, act, original, calib, config),
                                correct=_correction(work, todo, calib, config, token_mask))
     t_eng = time.perf_counter() - t_eng - t_cal
-    verify = _verify(original, out_model, calib, config) if config.verify else None  # before anything is written
+    verify = _verify(original, out_model, calib, config, samples) if config.verify else None  # before anything is written
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None,
         config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights[l.name][0], macs[l.name],
@@ -162,18 +168,25 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
     if config.qdq:  # a converted copy when the opset must rise
         work = ensure_opset(work, min(qbits), config.opset,
                             blocked=any(s.group_size is not None for s in specs.values() if s is not None))
+    changed = work is not original
     if config.act_bits:
-        from .export.actquant import fold_zero_pads
+        from .export.actquant import fold_batchnorm, fold_zero_pads
 
         work = copy.deepcopy(work) if (work is original and copy_needed) else work
         fold_zero_pads(work)  # zero Pads -> Conv pads, so that DQ -> Conv stays fusable (exact)
+        fold_batchnorm(work)  # BN into the Conv before it: one activation grid after the per-channel gain
+        changed = True
     elif work is original and copy_needed:
         work = copy.deepcopy(work)  # the one copy: calibration reads it, then apply edits it
-    if work is not original:  # node indices may have moved: find the layers again, same weights
-        by_weight = {l.weight_name: specs[l.name] for l in layers}
+    if changed:  # nodes moved (or weights were folded): find the layers again, matched by any stable name
+        def keys(l: Layer) -> set[str]:
+            return {l.weight_name, l.name, l.consumers[0].output_name}
+
+        old = [(keys(l), specs[l.name], l in selected) for l in layers]
         layers, skipped = find_layers(work)
-        specs = {l.name: by_weight[l.weight_name] for l in layers}
-        selected = [l for l in layers if l.weight_name in {s.weight_name for s in selected}]
+        match = {l.name: next(((sp, sel) for k, sp, sel in old if k & keys(l)), (None, False)) for l in layers}
+        specs = {n: m[0] for n, m in match.items()}
+        selected = [l for l in layers if match[l.name][1]]
     return work, layers, skipped, selected, specs
 
 
@@ -211,10 +224,14 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
                progress: Progress, *, ranges: bool = True, hessians: bool | None = None):
     """Run the model on the calibration data: Hessians (or counts), and W8A8 activation ranges.
     Returns (stats per layer, (sites, params thunk, notes) or None, samples, token mask input)."""
-    if config.verify and not isinstance(calib, (str, os.PathLike, list, tuple)):
+    if config.verify_data is not None and not os.path.exists(config.verify_data):
+        raise UsageError(f"--verify-data {config.verify_data}: no such file or directory")
+    if config.act_calib == "search" and config.act_bits and not isinstance(calib, (str, os.PathLike, list, tuple)):
+        raise UsageError("--act-calib search reads the calibration data twice: pass a path or a list of feeds")
+    if config.verify and config.verify_data is None and not isinstance(calib, (str, os.PathLike, list, tuple)):
         raise UsageError("--verify reads the calibration data twice: pass a path or a list of feeds, not a one-shot "
                          "iterator or reader")
-    ins = input_specs(model)
+    ins = _inputs(model, config)
     total = count_samples(calib, ins, config.samples) if isinstance(calib, (str, os.PathLike)) else None
     batches = iter_batches(calib, ins, batch_size=config.batch_size, max_samples=config.samples)
     token_mask = find_token_mask(model, config.token_mask)
@@ -227,13 +244,39 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
         observers.append(RangeObserver([s.tensor for s in sites]))
         act = (sites, lambda: {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib,
                                                              config.act_percentile) for s in sites},
-               [dict(note=n) for n in notes])
+               [dict(note=n) for n in notes], observers[0])
     need_h = hessians if hessians is not None else (config.layer_error or config.target is not None
                                                     or any(specs[l.name].method == "exact" for l in todo))
-    stats = collect_hessians(model, todo, batches, progress=progress,
-                             total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                             observers=observers, hessians=need_h)
+    try:
+        stats = collect_hessians(model, todo, batches, progress=progress,
+                                 total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
+                                 observers=observers, hessians=need_h)
+    except CalibrationError as e:  # say how the inputs were sliced: a wrong batch axis fails inside ONNX Runtime
+        if "ONNX Runtime failed" not in str(e):
+            raise
+        raise CalibrationError(f"{e}; {describe_batch_axes(ins)}") from e
     return stats, act, next(iter(stats.values())).samples, token_mask
+
+
+def _inputs(model: onnx.ModelProto, config: CompressConfig):
+    """The model's inputs, each with the axis its batches are cut along (--batch-axis overrides)."""
+    return input_specs(model, dict(config.batch_axes or ()))
+
+
+def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: CompressConfig, model: onnx.ModelProto):
+    """The W8A8 sites and their ranges, for apply (which calls this on the model with its weights written):
+    the observed ranges, or with --act-calib search the ones chosen by the output error they cause."""
+    sites, params_of, notes, observer = act
+    params = params_of()
+    if config.act_calib == "search":
+        from .calibrate.actsearch import search_activation_ranges, search_notes
+        from .export.actquant import insert_activation_qdq
+
+        feeds = list(iter_batches(calib, _inputs(dense, config), batch_size=config.batch_size, max_samples=64))
+        sites, params, search = search_activation_ranges(dense, model, sites, params, observer, feeds,
+                                                         insert_activation_qdq, config.act_bits)
+        notes += [dict(note=n) for n in search_notes(search)]
+    return sites, params
 
 
 def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
@@ -281,19 +324,24 @@ def _correction(work: onnx.ModelProto, todo: list[Layer], calib: Any, config: Co
         return None
     from . import correction
 
-    feeds = list(iter_batches(calib, input_specs(work), batch_size=config.batch_size,
+    feeds = list(iter_batches(calib, _inputs(work, config), batch_size=config.batch_size,
                               max_samples=config.correction_samples))
     ref = correction.reference(work, todo, feeds, token_mask)
     return lambda model: correction.correct(ref, model, todo, feeds, config.stats_correction, token_mask)
 
 
-def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib: Any, config: CompressConfig) -> dict:
-    """Dense vs compressed on calibration samples: a model ONNX Runtime cannot load or run never reaches the disk."""
+def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib: Any, config: CompressConfig,
+            samples: int) -> dict:
+    """Dense vs compressed, on --verify-data or else in-sample (the first calibration samples, no more than were
+    used): a model ONNX Runtime cannot load or run never reaches the disk."""
     from .evaluate import evaluate
 
     t = time.perf_counter()
-    ev = evaluate(reference, candidate, calib, batch_size=config.batch_size, max_samples=config.verify_samples,
-                  latency_runs=0)
+    held_out = config.verify_data is not None
+    ev = evaluate(reference, candidate, config.verify_data if held_out else calib, batch_size=config.batch_size,
+                  max_samples=config.verify_samples if held_out else min(config.verify_samples, samples),
+                  latency_runs=0, batch_axes=dict(config.batch_axes or ()))
     out = ev.to_dict()
+    out["in_sample"] = not held_out
     out["seconds"] = time.perf_counter() - t
     return out

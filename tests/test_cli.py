@@ -159,7 +159,7 @@ def test_verify_prints_agreement_and_reports_strict_json(tiny, capsys):
     assert main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--sparsity", "0.0",
                  "--method", "magnitude", "--verify", "--verify-samples", "8", "--report", str(rep)]) == 0
     text = capsys.readouterr().out
-    assert "verify (8 calibration samples)" in text and "rel L2 0.000e+00" in text
+    assert "verify on 8 samples of" in text and "in-sample" in text and "rel L2 0.000e+00" in text
     report = json.loads(rep.read_text())  # strict JSON: SQNR of identical outputs is the string "inf"
     assert report["verify"]["outputs"][0]["sqnr_db"] == "inf"
 

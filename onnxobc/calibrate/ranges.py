@@ -112,6 +112,8 @@ class RangeObserver:
         """The quantization parameters of tensor ``t`` (see the module docstring for the methods)."""
         if method not in ACT_CALIB:
             raise ValueError(f"activation calibration must be one of {', '.join(ACT_CALIB)}, got {method!r}")
+        if method == "search":  # the starting point of calibrate.actsearch
+            method = "percentile"
         st = self.stats[t]
         if st.count == 0:  # never seen a finite value: an identity-ish grid that keeps 0 exact
             lo = hi = 0.0

@@ -17,7 +17,7 @@ DEFINITIONS = {
     "sqnr_db": "10 log10(||r||^2 / ||c - r||^2) over every element and sample; inf when identical",
     "cosine": "mean over samples of cos(r_i, c_i), each sample's output flattened (axis 0 = samples when its length "
               "is the batch's sample count, else the whole batch output counts as one sample); 1 when both are zero, "
-              "0 when exactly one is",
+              "0 when exactly one is; null when a sample's output is a single value (its cosine is only its sign)",
     "max_abs": "max |c - r| over every element",
     "top1": "class outputs ([N, K] floats, K >= 2): fraction of samples whose argmax is the same in both models "
             "(ties: the lowest index wins)",
@@ -44,7 +44,7 @@ class OutputMetrics:
     elements: int
     rel_l2: float
     sqnr_db: float
-    cosine: float
+    cosine: float | None  # None when each sample's output is one value
     max_abs: float
     nonfinite_ref: int  # NaN / inf elements in the reference output
     nonfinite_cand: int
@@ -81,6 +81,7 @@ class OutputAccumulator:
         self.err_sq = 0.0
         self.cos_sum = 0.0
         self.cos_count = 0
+        self.cos_width: int | None = None  # fewest values per sample seen (cosine needs at least 2)
         self.max_abs = 0.0
         self.nonfinite_ref = 0
         self.nonfinite_cand = 0
@@ -126,6 +127,7 @@ class OutputAccumulator:
             cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), np.where((nr == 0) & (nc == 0), 1.0, 0.0))
         self.cos_sum += float(np.sum(cos))
         self.cos_count += cos.shape[0]
+        self.cos_width = rows.shape[1] if self.cos_width is None else min(self.cos_width, rows.shape[1])
         self.samples += n
         self.elements += r.size
         if self.is_class and r.ndim == 2 and r.shape[0] == n:
@@ -156,7 +158,8 @@ class OutputAccumulator:
         return OutputMetrics(
             name=self.name, dtype=self.dtype or "?", sample_shape=self.sample_shape or [], samples=n,
             elements=self.elements, rel_l2=rel, sqnr_db=sqnr,
-            cosine=self.cos_sum / self.cos_count if self.cos_count else math.nan, max_abs=self.max_abs,
+            cosine=(None if (self.cos_width or 0) < 2 and self.cos_count
+                    else self.cos_sum / self.cos_count if self.cos_count else math.nan), max_abs=self.max_abs,
             nonfinite_ref=self.nonfinite_ref, nonfinite_cand=self.nonfinite_cand, is_class=cls,
             classes=self.classes, top1=self.top1_hits / n if cls and n else None,
             top5=self.topk_hits / n if cls and n else None, topk=self.topk, labeled=bool(self.labeled),

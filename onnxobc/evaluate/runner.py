@@ -10,7 +10,6 @@ import logging
 import os
 import statistics
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +22,13 @@ from .._version import __version__
 from ..calibrate.data import (
     InputSpec,
     _npz_files,
-    batched_inputs,
     count_samples,
+    describe_batch_axes,
+    effective_batch_size,
     feed_samples,
     input_specs,
     iter_batches,
+    npz_shapes,
 )
 from ..jsonutil import dumps
 from ..graph.model_io import model_file_bytes  # noqa: F401  (re-exported)
@@ -208,24 +209,11 @@ def _make_session(model: onnx.ModelProto, path: Path | None, so, which: str, nam
 
 # ---- labels ---------------------------------------------------------------------------------------------
 
-def _npy_shape(z: zipfile.ZipFile, key: str) -> tuple:
-    """Shape of one array of an .npz, from its header only."""
-    with z.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = reader(f)
-    return shape
-
-
 def _file_samples(f: Path, specs: list[InputSpec]) -> tuple[int | None, str | None]:
     """Samples in one .npz (as the batch reader cuts it) and the input that says so."""
-    try:
-        with zipfile.ZipFile(f) as z:
-            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-            counts = [(shape[0], k) for k in sorted(batched_inputs(specs)) if k in keys
-                      for shape in [_npy_shape(z, k)] if len(shape)]
-    except Exception as e:
-        raise CalibrationError(f"cannot read {f} as .npz ({type(e).__name__}: {e})") from e
+    shapes = npz_shapes(f)
+    counts = [(shapes[s.name][s.batch_axis], s.name) for s in sorted(specs, key=lambda s: s.name)
+              if s.batch_axis is not None and s.name in shapes and len(shapes[s.name]) > s.batch_axis]
     return min(counts) if counts else (None, None)
 
 
@@ -263,8 +251,9 @@ def _prepare_labels(labels: Any, data: Any, specs: list[InputSpec]) -> tuple[np.
                 lab = z[labels]
             if lab.ndim == 0 or (n is not None and lab.shape[0] != n):
                 got = "a scalar" if lab.ndim == 0 else f"{lab.shape[0]} entries"
+                axis = next(s.batch_axis for s in specs if s.name == input_name) if input_name else 0
                 raise CalibrationError(f"labels '{labels}' in {f} hold {got} but the data has {n} samples "
-                                       f"(axis 0 of '{input_name}'): give exactly one label per sample")
+                                       f"(axis {axis} of '{input_name}'): give exactly one label per sample")
             parts.append(_as_label_vector(lab, f"labels '{labels}' in {f}"))
         return np.concatenate(parts), labels, True
     if isinstance(labels, (np.ndarray, list, tuple)):
@@ -281,14 +270,58 @@ def _prepare_labels(labels: Any, data: Any, specs: list[InputSpec]) -> tuple[np.
 
 # ---- evaluation -----------------------------------------------------------------------------------------
 
-def _run(sess, names: list[str], feed: dict, which: str, name: str, batch: int) -> list[np.ndarray]:
+def _run(sess, names: list[str], feed: dict, which: str, name: str, batch: int,
+         specs: list[InputSpec] | None = None) -> list[np.ndarray]:
     try:
         return sess.run(names, feed)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in feed.items())
+        axes = f"; {describe_batch_axes(specs)}" if specs else ""
         raise CalibrationError(f"ONNX Runtime failed to run the {which} model {name} on batch {batch} "
-                               f"({shapes}): {msg}") from e
+                               f"({shapes}): {msg}{axes}") from e
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """Part of an output compared on its own: ``output[..., start:stop, ...]`` along ``axis`` (never axis 0, the
+    samples)."""
+
+    output: str
+    axis: int
+    start: int | None
+    stop: int | None
+
+    def index(self, ndim: int) -> tuple:
+        axis = self.axis + ndim if self.axis < 0 else self.axis
+        if not 1 <= axis < ndim:
+            raise UsageError(f"--slice {self.label}: axis {self.axis} is not an axis of output '{self.output}' beyond "
+                             f"the samples (its rank is {ndim}; axis 0 indexes samples)")
+        return (slice(None),) * axis + (slice(self.start, self.stop),)
+
+    @property
+    def label(self) -> str:
+        part = f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+        lead = ":, " * self.axis if self.axis >= 0 else "..., "
+        tail = "" if self.axis >= 0 else ", :" * (-self.axis - 1)
+        return f"{self.output}[{lead}{part}{tail}]"
+
+
+def parse_slice(text: str, outputs: list[str]) -> OutputSlice:
+    """'NAME:AXIS:START:STOP' (START or STOP may be empty) -> OutputSlice, checked against the output names."""
+    parts = str(text).rsplit(":", 3)
+    if len(parts) != 4 or not parts[0]:
+        raise UsageError(f"--slice must look like NAME:AXIS:START:STOP (e.g. output0:2:5:85), got {text!r}")
+    name, *nums = parts
+    try:
+        axis, start, stop = (int(x) if x.strip() else None for x in nums)
+    except ValueError:
+        raise UsageError(f"--slice {text}: AXIS, START and STOP must be integers (START/STOP may be empty)") from None
+    if axis is None or axis == 0:
+        raise UsageError(f"--slice {text}: give an AXIS other than 0 (axis 0 indexes samples)")
+    if name not in outputs:
+        raise UsageError(f"--slice {text}: no numeric output '{name}' (outputs: {', '.join(outputs)})")
+    return OutputSlice(name, axis, start, stop)
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -301,7 +334,8 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os.PathLike | onnx.ModelProto,
              data: Any, *, labels: str | np.ndarray | None = None, label_output: str | None = None,
              batch_size: int = 32, max_samples: int | None = None, latency_runs: int = 20,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, batch_axes: dict[str, int | None] | None = None,
+             slices: list[str] | None = None) -> EvalResult:
     """Run ``reference`` and ``candidate`` (paths or ModelProtos with the same interface) on ``data`` (an .npz
     path, a directory of .npz, or an iterable of {input_name: array} feeds) and compare every output.
 
@@ -309,6 +343,10 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     of both models is then reported for ``label_output`` (default: the first [N, K] float output). At most
     ``max_samples`` samples are used, in batches of ``batch_size``; ``latency_runs`` timed runs of each model on
     the first batch give the median latency (0 skips timing). Nothing is printed; ``progress`` wraps the batches.
+    Each input is sliced along its batch axis, inferred from the model's symbolic dims unless ``batch_axes``
+    ({input_name: axis, or None to pass it whole}) says otherwise. ``slices`` ("NAME:AXIS:START:STOP", e.g.
+    "boxes:2:5:85" for a detector's class scores) add rows for parts of outputs, so that large values in one part
+    (box coordinates) do not hide the error in another (class scores).
     """
     progress = progress or _identity_progress
     t0 = time.perf_counter()
@@ -321,6 +359,7 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     ref_name, ref_model, ref_bytes, ref_path = _load(reference, "reference")
     cand_name, cand_model, cand_bytes, cand_path = _load(candidate, "candidate")
     specs, outs = check_interfaces(ref_model, cand_model, ref_name, cand_name)
+    specs = input_specs(ref_model, batch_axes)
 
     skipped = []
     compared: list[str] = []
@@ -337,11 +376,11 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     if label_output is not None and label_output not in compared:
         raise UsageError(f"--output {label_output}: no such numeric output (outputs: {', '.join(compared)})")
 
+    cuts = [parse_slice(x, compared) for x in (slices or [])]
     label_vec, label_desc, label_len_checked = _prepare_labels(labels, data, specs)
     is_path = isinstance(data, (str, os.PathLike))
     total = count_samples(data, specs, max_samples) if is_path else None
-    static = {s.static_batch for s in specs} - {None}
-    eff_batch = min(static) if static else batch_size
+    eff_batch = effective_batch_size(specs, batch_size)
     n_batches = -(-total // eff_batch) if total is not None else None
 
     so = _session_options()
@@ -357,8 +396,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     stream = iter_batches(data, specs, batch_size=batch_size, max_samples=max_samples)
     for feed in progress(stream, "eval", n_batches):
         n = feed_samples(feed, specs)
-        r_out = _run(ref_sess, compared, feed, "reference", ref_name, batches)
-        c_out = _run(cand_sess, compared, feed, "candidate", cand_name, batches)
+        r_out = _run(ref_sess, compared, feed, "reference", ref_name, batches, specs)
+        c_out = _run(cand_sess, compared, feed, "candidate", cand_name, batches, specs)
         lab = None
         if label_vec is not None:
             if first is None:
@@ -377,6 +416,13 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
                 raise CalibrationError(f"output '{name}' on batch {batches}: the reference gives shape {list(r.shape)}, "
                                        f"the candidate {list(c.shape)}; the models do not compute the same thing")
             accs[name].update(r, c, n, lab if name == target else None)
+        for cut in cuts:
+            r, c = (out[compared.index(cut.output)] for out in (r_out, c_out))
+            index = cut.index(r.ndim)
+            if r.size and not r[index].size:
+                raise UsageError(f"--slice {cut.label}: selects no element of output '{cut.output}' "
+                                 f"(shape {list(r.shape)})")
+            accs.setdefault(cut.label, OutputAccumulator(cut.label)).update(r[index], c[index], n)
         if first is None:
             first = feed
         seen += n
@@ -407,7 +453,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     return EvalResult(
         reference=ref_name, candidate=cand_name, data=str(data) if is_path else f"<{type(data).__name__}>",
         samples=seen, batches=batches, batch_size=eff_batch if is_path else None,
-        outputs=[accs[n].result() for n in compared], skipped_outputs=skipped, labels=label_desc,
+        outputs=[accs[n].result() for n in compared] + [accs[c.label].result() for c in cuts],
+        skipped_outputs=skipped, labels=label_desc,
         label_output=target if label_vec is not None else None, reference_bytes=ref_bytes,
         candidate_bytes=cand_bytes, latency_ms=latency, seconds=time.perf_counter() - t0,
     )

@@ -55,11 +55,12 @@ class Written:
 
 
 def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[np.ndarray, Grid | None]],
-          opts: ExportOptions, *, activations: tuple[list, dict] | None = None,
+          opts: ExportOptions, *, activations=None,
           correct=None) -> tuple[onnx.ModelProto, Written]:
     """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
     IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
-    :func:`~onnxobc.export.actquant.plan_sites` and their parameters) and sparse storage. ``correct(model)``
+    :func:`~onnxobc.export.actquant.plan_sites` and their parameters, or a function of the written model giving
+    them) and sparse storage. ``correct(model)``
     (statistics correction) runs on the written weights before the activation pairs. Returns the model
     (a new object only when sparse storage re-encoded it) and what was written."""
     edit = GraphEdit(model)
@@ -84,7 +85,7 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
     if activations is not None:
         from .actquant import insert_activation_qdq
 
-        sites, params = activations
+        sites, params = activations(model) if callable(activations) else activations
         used = insert_activation_qdq(model, sites, params)
         out.activations = [dict(tensor=s.tensor, used_as=s.why, **asdict(used[s.tensor])) for s in sites]
     if opts.sparse_storage:

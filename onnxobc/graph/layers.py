@@ -135,6 +135,7 @@ class GraphIndex:
         self.producer: dict[str, int] = {}
         self.users: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.subgraph_users: dict[str, list[int]] = defaultdict(list)
+        self.subgraph_reads: dict[int, list[str]] = defaultdict(list)  # node -> outer names its subgraphs use
         for idx, n in enumerate(g.node):
             for o in n.output:
                 if o:
@@ -145,6 +146,7 @@ class GraphIndex:
             for sg in _subgraphs(n):
                 for name in _names_used_in(sg):
                     self.subgraph_users[name].append(idx)
+                    self.subgraph_reads[idx].append(name)
 
     def node(self, idx: int) -> onnx.NodeProto:
         return self.model.graph.node[idx]
@@ -194,6 +196,10 @@ def _resolve_weight(ix: GraphIndex, name: str) -> tuple[str, str, list[ChainStep
                 raise _Unresolved("weight is a Constant without a 'value' tensor (sparse or scalar form)")
             kind = "constant"
             break
+        if node.op_type in ("DequantizeLinear",) or (node.op_type not in CHAIN_OPS and _looks_quantized(ix, idx)):
+            if _reads_graph_inputs(ix, cur):  # an activation that passed through Q/DQ, not a stored weight
+                raise _Unresolved(f"weight not constant (an activation, computed by {node.op_type} "
+                                  f"'{_node_name(node, idx)}' from the model's inputs)")
         if node.op_type in ("DequantizeLinear",):
             raise _Unresolved("already quantized (weight comes from DequantizeLinear)")
         if node.op_type not in CHAIN_OPS:
@@ -233,6 +239,24 @@ def _resolve_weight(ix: GraphIndex, name: str) -> tuple[str, str, list[ChainStep
             value = value.astype(to)
         chain.append(step)
     return source, kind, chain, value
+
+
+def _reads_graph_inputs(ix: GraphIndex, name: str) -> bool:
+    """Whether tensor ``name`` is computed (through any number of nodes) from a graph input that is not an
+    initializer: an activation, however many Quantize/DequantizeLinear nodes it went through."""
+    stack, seen = [name], set()
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        if t in ix.graph_inputs and t not in ix.inits:
+            return True
+        idx = ix.producer.get(t)
+        if idx is not None:
+            stack.extend(ix.node(idx).input)
+            stack.extend(n for n in ix.subgraph_reads.get(idx, ()))
+    return False
 
 
 def _looks_quantized(ix: GraphIndex, idx: int, depth: int = 3) -> bool:

@@ -1,0 +1,122 @@
+"""W8A8 against 8-bit weight-only, ONNX Runtime's quantize_static and NNCF's quantize, on one model.
+
+    python tools/bench_w8a8.py MODEL.onnx --calib calib.npz --test test.npz [--labels label] [--input x]
+        [--configs w8,a8_minmax,a8_percentile,a8_mse,a8_search,ort_minmax,ort_percentile,ort_entropy,nncf]
+        [--out DIR] [--opset 13]
+
+Every candidate is compared with the input model by ``onnxobc.evaluate`` on the test split (rel L2 of the first
+output, top-1 agreement and accuracy where it applies). ORT and NNCF get the model converted to ``--opset`` (ORT's
+per-channel QDQ needs 13) and the same calibration samples. NNCF is optional (``pip install nncf``): its rows are
+skipped when it does not import. Prints one line per config and writes DIR/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ONNXOBC = {
+    "w8": ["--bits", "8", "--method", "rtn"],
+    "a8_minmax": ["--bits", "8", "--act-bits", "8", "--method", "rtn"],
+    "a8_percentile": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "percentile"],
+    "a8_mse": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "mse"],
+    "a8_search": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "search"],
+}
+
+
+def _reader(calib: str, name: str, batch: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    x = np.load(calib)[name]
+
+    class R(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return R()
+
+
+def _ort(src: Path, calib: str, out: Path, method: str, name: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), _reader(calib, name, 16), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[method])
+
+
+def _nncf(src: Path, calib: str, out: Path, name: str) -> None:
+    import nncf
+
+    x = np.load(calib)[name]
+    q = nncf.quantize(onnx.load(str(src)), nncf.Dataset([{name: x[i:i + 1]} for i in range(len(x))]),
+                      subset_size=len(x))
+    onnx.save(q, str(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--labels")
+    ap.add_argument("--input", default="x", help="the model's input name (for ORT / NNCF readers)")
+    ap.add_argument("--configs", default=",".join(list(ONNXOBC) + ["ort_minmax", "ort_percentile", "ort_entropy",
+                                                                   "nncf"]))
+    ap.add_argument("--out", default=".cache/bench_w8a8")
+    ap.add_argument("--opset", type=int, default=13)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    from onnxobc.cli import main as cli
+    from onnxobc.evaluate import evaluate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model)
+    converted = out / f"{model.stem}.opset{args.opset}.onnx"
+    m = onnx.load(str(model))
+    if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < args.opset:
+        m = onnx.version_converter.convert_version(m, args.opset)
+    onnx.save(m, str(converted))
+    results = {}
+    for cfg in args.configs.split(","):
+        cand = out / f"{model.stem}.{cfg}.onnx"
+        t = time.perf_counter()
+        try:
+            if cfg in ONNXOBC:
+                rc = cli(["compress", str(model), "--calib", args.calib, "--opset", str(args.opset), "-o", str(cand),
+                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ONNXOBC[cfg])
+                if rc:
+                    raise RuntimeError(f"onnxobc exit {rc}")
+            elif cfg.startswith("ort_"):
+                _ort(converted, args.calib, cand, cfg[4:], args.input)
+            elif cfg == "nncf":
+                _nncf(converted, args.calib, cand, args.input)
+            else:
+                raise ValueError(f"unknown config {cfg}")
+        except ImportError as e:
+            print(f"{cfg:16s} skipped ({e})")
+            continue
+        secs = time.perf_counter() - t
+        res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0)
+        o = res.outputs[0]
+        results[cfg] = {"rel_l2": o.rel_l2, "top1": o.top1, "acc_ref": o.acc_ref, "acc_cand": o.acc_cand,
+                        "seconds": secs, "samples": res.samples}
+        extra = "" if o.top1 is None else f"  top-1 agreement {o.top1:.4f}  acc {o.acc_cand}"
+        print(f"{cfg:16s} rel L2 {o.rel_l2:.4f}{extra}  ({secs:.1f} s)", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
