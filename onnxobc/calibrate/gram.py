@@ -28,7 +28,7 @@ import numpy as np
 # Float32 bytes of one unfolded tile (bounds the im2col buffer: memory stays one batch's activations + this).
 TILE_BYTES = 32 << 20
 # Columns summed by one float32 product before it is added to the float64 sum (bounds float32 rounding).
-TILE_COLUMNS = 8192
+TILE_COLUMNS = 16384
 
 
 def _work_dtype(x: np.ndarray, dtype: np.dtype | type | None) -> np.dtype:
@@ -158,16 +158,23 @@ def gram_conv(x: np.ndarray, weight_shape: Sequence[int], *, group: int = 1, pad
         # 1x1: no unfolding, only strided subsampling; columns are (batch, position) pairs
         if any(s != 1 for s in strides):
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
-    per_sample = g * c * positions * wd.itemsize
-    step = max(1, int(tile_bytes) // max(per_sample, 1))
-    for s in range(0, b, step):
-        xs = x[s:s + step]
-        if ksize == 1 and not any(begin) and not any(end):
-            cols = np.asarray(xs, dtype=wd).reshape(xs.shape[0], g, cin // g, positions)
-            cols = np.ascontiguousarray(cols.transpose(1, 2, 0, 3)).reshape(g, cin // g, -1)
-        else:
-            cols = _unfold_tile(np.asarray(xs, dtype=wd), g, kernel, begin, end, strides, dil, out, wd)
-        _accumulate(acc, cols, tile_columns)
+    # Tiles of (group chunk) x (sample chunk): all samples of as many groups as fit first (long products, few
+    # calls: a depthwise conv has one tiny product per channel), else fewer samples of one group at a time.
+    per_group = c * b * positions * wd.itemsize
+    gstep = max(1, min(g, int(tile_bytes) // max(per_group, 1)))
+    bstep = b if gstep > 1 or per_group <= tile_bytes else max(1, int(tile_bytes) // max(c * positions * wd.itemsize, 1))
+    cg = cin // g
+    for g0 in range(0, g, gstep):
+        g1 = min(g, g0 + gstep)
+        xg = x[:, g0 * cg:g1 * cg] if g > 1 else x
+        for s in range(0, b, bstep):
+            xs = np.asarray(xg[s:s + bstep], dtype=wd)
+            if ksize == 1 and not any(begin) and not any(end):
+                cols = xs.reshape(xs.shape[0], g1 - g0, cg, positions)
+                cols = np.ascontiguousarray(cols.transpose(1, 2, 0, 3)).reshape(g1 - g0, cg, -1)
+            else:
+                cols = _unfold_tile(xs, g1 - g0, kernel, begin, end, strides, dil, out, wd)
+            _accumulate(acc[g0:g1], cols, tile_columns)
     return acc, b * positions
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +50,21 @@ class LayerStats:
         return self.columns / max(self.samples, 1)
 
 
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
-    """An ONNX Runtime session with graph optimisations off (so every recorded tensor survives)."""
+_LEVELS = ("all", "extended", "basic", "off")
+
+
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None, level: str = "off"):
+    """An ONNX Runtime session; ``level`` names its graph optimisation level ("off" by default, so that every
+    recorded tensor survives exactly as the unoptimised graph computes it)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     try:
@@ -60,6 +72,50 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CalibrationError(f"ONNX Runtime cannot load the model: {msg}") from e
+
+
+def _run(sess, fetch: list[str], feed: dict[str, np.ndarray], nb: int) -> list[np.ndarray]:
+    try:
+        return sess.run(fetch, feed) if fetch else []
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CalibrationError(f"ONNX Runtime failed on calibration batch {nb}: {msg}") from e
+
+
+def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.ndarray], *,
+                   providers: list[str] | None = None, optimize: str = "auto",
+                   report: dict | None = None) -> tuple[Any, list[np.ndarray]]:
+    """The fastest session whose recorded tensors are bit-identical to the unoptimised graph's, and the
+    unoptimised outputs of ``feed`` (the first batch, so the check costs no extra pass over the data).
+
+    ``optimize="auto"`` tries ONNX Runtime's levels from the most aggressive down and keeps the first one
+    that reproduces every fetched tensor exactly on ``feed`` (layout changes such as NCHWc change float
+    summation order, fusions such as LayerNorm change rounding: those levels are refused, whole, for this
+    model); "off" / "basic" / "extended" / "all" force a level without checking."""
+    if optimize not in ("auto",) + _LEVELS:
+        raise CalibrationError(f"optimize={optimize!r}: expected one of auto, {', '.join(_LEVELS)}")
+    if optimize != "auto":
+        sess = make_session(model, providers, optimize)
+        if report is not None:
+            report["level"] = optimize
+        return sess, _run(sess, fetch, feed, 0)
+    ref_sess = make_session(model, providers, "off")
+    ref = _run(ref_sess, fetch, feed, 0)
+    tried = {}
+    for level in _LEVELS[:-1]:
+        sess = make_session(model, providers, level)
+        got = _run(sess, fetch, feed, 0)
+        bad = [n for n, a, b in zip(fetch, ref, got) if a.shape != b.shape or a.tobytes() != b.tobytes()]
+        tried[level] = len(bad)
+        if not bad:
+            log.info("calibration runs ONNX Runtime at optimisation level %s (every recorded tensor bit-identical)", level)
+            if report is not None:
+                report.update(level=level, mismatches=tried)
+            return sess, ref
+        log.debug("optimisation level %s changes %d of %d recorded tensors (e.g. %s)", level, len(bad), len(fetch), bad[0])
+    if report is not None:
+        report.update(level="off", mismatches=tried)
+    return ref_sess, ref
 
 
 def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
@@ -98,11 +154,63 @@ def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | 
     return name
 
 
+def _prefetched(first: tuple[dict, list], rest: Iterator[dict], sess, fetch: list[str],
+                overlap: bool) -> Iterator[tuple[dict, list]]:
+    """(feed, outputs) per batch. With ``overlap``, a thread runs ONNX Runtime on the next batch while the
+    caller accumulates the current one (ONNX Runtime and the BLAS products release the GIL); at most one
+    finished batch waits in the queue, so memory holds two to three batches' activations, not the dataset's."""
+    yield first
+    if not overlap:
+        for nb, feed in enumerate(rest, start=1):
+            yield feed, _run(sess, fetch, feed, nb)
+        return
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for nb, feed in enumerate(rest, start=1):
+                item = (feed, _run(sess, fetch, feed, nb))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="onnxobc-calibration-ort", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
+
+
 def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]],
                      *, providers: list[str] | None = None,
                      progress: Callable[[Iterable, str, int | None], Iterable] | None = None,
                      total: int | None = None, token_mask: str | None = None,
-                     observers: list | None = None, hessians: bool = True) -> dict[str, LayerStats]:
+                     observers: list | None = None, hessians: bool = True, optimize: str = "auto",
+                     overlap: bool = True, precision: str = "float32",
+                     profile: dict | None = None) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
 
@@ -115,36 +223,55 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
 
     With ``token_mask`` (a [batch, sequence] input, see :func:`find_token_mask`), MatMul/Gemm inputs of shape
     [batch, sequence, ...] keep only the positions of real tokens: padding never reaches the deployed model's
-    outputs that matter, so it must not shape the Hessian."""
+    outputs that matter, so it must not shape the Hessian.
+
+    Speed (issue 11): ``optimize`` picks ONNX Runtime's optimisation level (see :func:`choose_session`;
+    "auto" keeps only levels that reproduce every recorded tensor bit for bit); ``overlap`` runs the next
+    batch in ONNX Runtime while this one's Grams accumulate; ``precision="float32"`` forms the Gram products
+    in float32 tiles summed in float64 (:mod:`onnxobc.calibrate.gram`; relative difference ~1e-7 from
+    "float64", which computes every product in float64). ``profile``, when given a dict, receives seconds
+    spent per phase ("ort_wait", "gram", "observers", "first_batch") and per layer kind ("gram:Conv 1x1",
+    ...), and the chosen optimisation level."""
+    if precision not in ("float32", "float64"):
+        raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
+    dtype = np.float64 if precision == "float64" else None
     specs = input_specs(model)
     wanted = [c.input_name for layer in layers for c in layer.consumers]
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
     aug, fetch = augment(model, wanted)
-    sess = make_session(aug, providers)
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols) if hessians else (layer.groups, 0, 0),
                                         dtype=np.float64)) for layer in layers
     }
-    it: Iterable = batches
+    prof: dict = profile if profile is not None else {}
+    source = iter(batches)
+    t0 = time.perf_counter()
+    first_feed = next(source, None)
+    if first_feed is None:
+        raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
+    sess, first_outs = choose_session(aug, fetch, first_feed, providers=providers, optimize=optimize, report=prof)
+    prof["first_batch"] = prof.get("first_batch", 0.0) + time.perf_counter() - t0
+    it: Iterable = _prefetched((first_feed, first_outs), source, sess, fetch, overlap)
     if progress is not None:
-        it = progress(batches, "calibrating", total)
+        it = progress(it, "calibrating", total)
+    kinds = {id(c): _kind(c, layer) for layer in layers for c in layer.consumers}
     nb = 0
-    for feed in it:
-        try:
-            outs = sess.run(fetch, feed) if fetch else []
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CalibrationError(f"ONNX Runtime failed on calibration batch {nb}: {msg}") from e
+    t_wait = time.perf_counter()
+    for feed, outs in it:
+        prof["ort_wait"] = prof.get("ort_wait", 0.0) + time.perf_counter() - t_wait
         values: dict[str, Any] = dict(zip(fetch, outs))
         values.update(feed)
         n = feed_samples(feed, specs)
         mask = None if token_mask is None else np.asarray(feed[token_mask]) != 0
+        t = time.perf_counter()
         for ob in observers:
             ob.update(values, mask)
+        prof["observers"] = prof.get("observers", 0.0) + time.perf_counter() - t
         for layer in layers:
             st = stats[layer.name]
             for c in layer.consumers:
+                t = time.perf_counter()
                 x = np.asarray(values[c.input_name])
                 if mask is not None and layer.op != "Conv" and x.ndim >= 3 and x.shape[:2] == mask.shape:
                     x = x[mask]  # real tokens only: (tokens, ..., K)
@@ -156,19 +283,34 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                     else:
                         st.columns += x.size // max(layer.cols, 1)
                     continue
-                # unfold a slice of samples at a time so im2col of large feature maps stays within a budget
+                # a slice of samples at a time (the Gram code tiles further): bounded work per call
                 per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
                 step = max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.op != "Gemm" else max(len(x), 1)
                 for s in range(0, max(len(x), 1), step):
-                    xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape)
+                    xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape, dtype=dtype)
                     if xtx.shape[1] != layer.cols:
                         raise CalibrationError(
                             f"{c.node_name}: unfolded input has {xtx.shape[1]} rows, the weight has fan-in {layer.cols}"
                         )
                     st.xtx += xtx
                     st.columns += ncols
+                dt = time.perf_counter() - t
+                prof["gram"] = prof.get("gram", 0.0) + dt
+                prof["gram:" + kinds[id(c)]] = prof.get("gram:" + kinds[id(c)], 0.0) + dt
             st.samples += n
         nb += 1
-    if nb == 0:
-        raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
+        t_wait = time.perf_counter()
     return stats
+
+
+def _kind(c, layer: Layer) -> str:
+    """A label for the profile: which Gram path a consumer takes."""
+    if c.layout.op != "Conv":
+        return c.layout.op
+    ksize = int(np.prod(layer.weight.shape[2:]))
+    g = layer.groups
+    if g > 1 and layer.weight.shape[1] == 1:
+        return "Conv depthwise"
+    if ksize == 1:
+        return "Conv 1x1"
+    return "Conv grouped" if g > 1 else "Conv kxk"
