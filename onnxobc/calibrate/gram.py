@@ -28,7 +28,7 @@ import numpy as np
 # Float32 bytes of one unfolded tile (bounds the im2col buffer: memory stays one batch's activations + this).
 TILE_BYTES = 32 << 20
 # Columns summed by one float32 product before it is added to the float64 sum (bounds float32 rounding).
-TILE_COLUMNS = 16384
+TILE_COLUMNS = 4096
 
 
 def _work_dtype(x: np.ndarray, dtype: np.dtype | type | None) -> np.dtype:

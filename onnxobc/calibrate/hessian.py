@@ -5,7 +5,9 @@ memory holds one batch's activations, never the dataset's.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import logging
 import queue
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from ..errors import CalibrationError
 from .data import feed_samples, input_specs
@@ -82,40 +85,60 @@ def _run(sess, fetch: list[str], feed: dict[str, np.ndarray], nb: int) -> list[n
         raise CalibrationError(f"ONNX Runtime failed on calibration batch {nb}: {msg}") from e
 
 
-def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.ndarray], *,
-                   providers: list[str] | None = None, optimize: str = "auto",
-                   report: dict | None = None) -> tuple[Any, list[np.ndarray]]:
-    """The fastest session whose recorded tensors are bit-identical to the unoptimised graph's, and the
-    unoptimised outputs of ``feed`` (the first batch, so the check costs no extra pass over the data).
+_CHECK_SAMPLES = 4
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind == "f":  # compare bits, so that NaNs and signed zeros count too
+        u = np.dtype(f"u{a.dtype.itemsize}")
+        return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
+    return bool(np.array_equal(a, b))
+
+
+def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.ndarray], specs: list | None = None,
+                   *, providers: list[str] | None = None, optimize: str = "auto", report: dict | None = None):
+    """The fastest session whose recorded tensors are bit-identical to the unoptimised graph's.
 
     ``optimize="auto"`` tries ONNX Runtime's levels from the most aggressive down and keeps the first one
-    that reproduces every fetched tensor exactly on ``feed`` (layout changes such as NCHWc change float
-    summation order, fusions such as LayerNorm change rounding: those levels are refused, whole, for this
-    model); "off" / "basic" / "extended" / "all" force a level without checking."""
+    that reproduces every fetched tensor bit for bit on the first samples of ``feed`` (the first
+    calibration batch; its first few samples when the batch axis is dynamic). A level is refused whole for
+    the model when one tensor differs: layout changes such as NCHWc change float summation order, fusions
+    such as LayerNorm change rounding, and those are the tensors that carry the whole graph's work.
+    "off" / "basic" / "extended" / "all" force a level without checking."""
     if optimize not in ("auto",) + _LEVELS:
         raise CalibrationError(f"optimize={optimize!r}: expected one of auto, {', '.join(_LEVELS)}")
-    if optimize != "auto":
-        sess = make_session(model, providers, optimize)
+    if optimize != "auto" or not fetch:
+        level = "off" if optimize == "auto" else optimize
         if report is not None:
-            report["level"] = optimize
-        return sess, _run(sess, fetch, feed, 0)
+            report["level"] = level
+        return make_session(model, providers, level)
+    probe = feed
+    if specs is not None and any(s.dynamic_batch for s in specs):
+        batched = {s.name for s in specs if s.dynamic_batch}
+        n = feed_samples(feed, specs)
+        if n > _CHECK_SAMPLES:
+            probe = {k: (v[:_CHECK_SAMPLES] if k in batched else v) for k, v in feed.items()}
     ref_sess = make_session(model, providers, "off")
-    ref = _run(ref_sess, fetch, feed, 0)
+    ref = _run(ref_sess, fetch, probe, 0)
     tried = {}
     for level in _LEVELS[:-1]:
         sess = make_session(model, providers, level)
-        got = _run(sess, fetch, feed, 0)
-        bad = [n for n, a, b in zip(fetch, ref, got) if a.shape != b.shape or a.tobytes() != b.tobytes()]
+        got = _run(sess, fetch, probe, 0)
+        bad = [n for n, a, b in zip(fetch, ref, got) if not _same_bits(a, b)]
         tried[level] = len(bad)
         if not bad:
-            log.info("calibration runs ONNX Runtime at optimisation level %s (every recorded tensor bit-identical)", level)
+            log.info("calibration runs ONNX Runtime at optimisation level %s (recorded tensors bit-identical)", level)
             if report is not None:
                 report.update(level=level, mismatches=tried)
-            return sess, ref
+            return sess
         log.debug("optimisation level %s changes %d of %d recorded tensors (e.g. %s)", level, len(bad), len(fetch), bad[0])
+        del sess
     if report is not None:
         report.update(level="off", mismatches=tried)
-    return ref_sess, ref
+    return ref_sess
 
 
 def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
@@ -154,14 +177,14 @@ def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | 
     return name
 
 
-def _prefetched(first: tuple[dict, list], rest: Iterator[dict], sess, fetch: list[str],
+def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str],
                 overlap: bool) -> Iterator[tuple[dict, list]]:
     """(feed, outputs) per batch. With ``overlap``, a thread runs ONNX Runtime on the next batch while the
     caller accumulates the current one (ONNX Runtime and the BLAS products release the GIL); at most one
     finished batch waits in the queue, so memory holds two to three batches' activations, not the dataset's."""
-    yield first
+    rest = itertools.chain([first], rest)
     if not overlap:
-        for nb, feed in enumerate(rest, start=1):
+        for nb, feed in enumerate(rest):
             yield feed, _run(sess, fetch, feed, nb)
         return
     q: queue.Queue = queue.Queue(maxsize=1)
@@ -170,7 +193,7 @@ def _prefetched(first: tuple[dict, list], rest: Iterator[dict], sess, fetch: lis
 
     def produce() -> None:
         try:
-            for nb, feed in enumerate(rest, start=1):
+            for nb, feed in enumerate(rest):
                 item = (feed, _run(sess, fetch, feed, nb))
                 while not stop.is_set():
                     try:
@@ -230,7 +253,7 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     batch in ONNX Runtime while this one's Grams accumulate; ``precision="float32"`` forms the Gram products
     in float32 tiles summed in float64 (:mod:`onnxobc.calibrate.gram`; relative difference ~1e-7 from
     "float64", which computes every product in float64). ``profile``, when given a dict, receives seconds
-    spent per phase ("ort_wait", "gram", "observers", "first_batch") and per layer kind ("gram:Conv 1x1",
+    spent per phase ("session": creating and choosing it, "ort_wait", "gram", "observers") and per layer kind ("gram:Conv 1x1",
     ...), and the chosen optimisation level."""
     if precision not in ("float32", "float64"):
         raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
@@ -250,13 +273,21 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     first_feed = next(source, None)
     if first_feed is None:
         raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
-    sess, first_outs = choose_session(aug, fetch, first_feed, providers=providers, optimize=optimize, report=prof)
-    prof["first_batch"] = prof.get("first_batch", 0.0) + time.perf_counter() - t0
-    it: Iterable = _prefetched((first_feed, first_outs), source, sess, fetch, overlap)
+    sess = choose_session(aug, fetch, first_feed, specs, providers=providers, optimize=optimize, report=prof)
+    prof["session"] = prof.get("session", 0.0) + time.perf_counter() - t0
+    it: Iterable = _prefetched(first_feed, source, sess, fetch, overlap)
     if progress is not None:
         it = progress(it, "calibrating", total)
     kinds = {id(c): _kind(c, layer) for layer in layers for c in layer.consumers}
-    nb = 0
+    # With the overlap, ONNX Runtime's threads already keep the cores busy: one BLAS thread for the Grams
+    # (multi-threaded OpenBLAS on short products spins and collapses when its cores are taken).
+    limit = threadpool_limits(limits=1, user_api="blas") if overlap and hessians else contextlib.nullcontext()
+    with limit:
+        _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kinds, hessians, dtype, prof)
+    return stats
+
+
+def _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kinds, hessians, dtype, prof) -> None:
     t_wait = time.perf_counter()
     for feed, outs in it:
         prof["ort_wait"] = prof.get("ort_wait", 0.0) + time.perf_counter() - t_wait
@@ -298,9 +329,7 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                 prof["gram"] = prof.get("gram", 0.0) + dt
                 prof["gram:" + kinds[id(c)]] = prof.get("gram:" + kinds[id(c)], 0.0) + dt
             st.samples += n
-        nb += 1
         t_wait = time.perf_counter()
-    return stats
 
 
 def _kind(c, layer: Layer) -> str:
