@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import CalibrationError
 from .data import feed_samples, input_specs
 from ..graph.layers import Layer, tensor_types
+from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from ..runtime import inference_session
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ class LayerStats:
 _LEVELS = ("all", "extended", "basic", "off")
 
 
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None, level: str = "off"):
+def make_session(model: onnx.ModelProto | bytes, providers: list[str] | None = None, level: str = "off"):
     """An ONNX Runtime session; ``level`` names its graph optimisation level ("off" by default, so that every
-    recorded tensor survives exactly as the unoptimised graph computes it)."""
+    recorded tensor survives exactly as the unoptimised graph computes it). ``model`` may be serialised
+    already (several sessions of one model: serialise once)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -71,6 +73,8 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, lev
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     try:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, so, providers=providers)
         return inference_session(model, so, providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -121,6 +125,8 @@ def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.
         n = feed_samples(feed, specs)
         if n > _CHECK_SAMPLES:
             probe = {k: (v[:_CHECK_SAMPLES] if k in batched else v) for k, v in feed.items()}
+    if tensor_bytes(model) <= _EXTERNAL_DATA_THRESHOLD:
+        model = model.SerializeToString()  # once for the up to four sessions below
     ref_sess = make_session(model, providers, "off")
     ref = _run(ref_sess, fetch, probe, 0)
     tried = {}
