@@ -186,29 +186,28 @@ def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | 
 def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str],
                 overlap: bool) -> Iterator[tuple[dict, list]]:
     """(feed, outputs) per batch. With ``overlap``, a thread runs ONNX Runtime on the next batch while the
-    caller accumulates the current one (ONNX Runtime and the BLAS products release the GIL); at most one
-    finished batch waits in the queue, so memory holds two to three batches' activations, not the dataset's."""
+    caller accumulates the current one (ONNX Runtime and the BLAS products release the GIL). The thread
+    starts a batch only when the caller has let go of the one before the current: memory holds two
+    batches' activations (one without ``overlap``), never the dataset's."""
     rest = itertools.chain([first], rest)
     if not overlap:
         for nb, feed in enumerate(rest):
             yield feed, _run(sess, fetch, feed, nb)
         return
-    q: queue.Queue = queue.Queue(maxsize=1)
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(2)  # batches alive at once: the one being accumulated + the one being run
     stop = threading.Event()
     done = object()
 
     def produce() -> None:
         try:
             for nb, feed in enumerate(rest):
-                item = (feed, _run(sess, fetch, feed, nb))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
+                q.put((feed, _run(sess, fetch, feed, nb)))
             q.put(done)
         except BaseException as e:  # handed to the consumer, raised there
             q.put(e)
@@ -223,14 +222,11 @@ def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str],
             if isinstance(item, BaseException):
                 raise item
             yield item
+            del item
+            slots.release()  # the caller is done with this batch
     finally:
         stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            t.join(timeout=0.05)
+        t.join()
 
 
 def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]],
