@@ -87,6 +87,18 @@ def test_gram_conv_tiles_do_not_change_the_sums(case):
     tiled, n2 = gm.gram_conv(x, ws, group=g, pads_begin=b, pads_end=e, strides=s, dilations=d, tile_bytes=1,
                              tile_columns=3)
     assert n == n2 and rel(tiled, whole) < 1e-6
+    for workers in (1, 3):
+        par, n3 = gm.gram_conv(x, ws, group=g, pads_begin=b, pads_end=e, strides=s, dilations=d, tile_bytes=64,
+                               workers=workers)
+        assert n3 == n and rel(par, whole) < 1e-6
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_gram_rows_workers(workers):
+    x = np.random.default_rng(11).standard_normal((103, 6)).astype(np.float32)
+    got, n = gm.gram_rows(x, tile_columns=10, workers=workers)
+    ref = x.astype(np.float64).T @ x.astype(np.float64)
+    assert n == 103 and rel(got[0], ref) < 1e-6
 
 
 def test_float64_inputs_and_dtype_keep_float64_products():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +31,22 @@ import numpy as np
 TILE_BYTES = 32 << 20
 # Columns summed by one float32 product before it is added to the float64 sum (bounds float32 rounding).
 TILE_COLUMNS = 4096
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def _workers(workers: int | None) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """One lazily created pool per size, reused across calls (threads are cheap to keep, slow to start)."""
+    if n not in _POOL:
+        _POOL[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnxobc-gram")
+    return _POOL[n]
 
 
 def _work_dtype(x: np.ndarray, dtype: np.dtype | type | None) -> np.dtype:
@@ -50,20 +68,33 @@ def _accumulate(acc: np.ndarray, cols: np.ndarray, tile_columns: int) -> None:
             acc += np.matmul(t, t.transpose(0, 2, 1))
 
 
-def gram_rows(rows: np.ndarray, *, dtype: np.dtype | type | None = None,
-              tile_columns: int = TILE_COLUMNS) -> tuple[np.ndarray, int]:
-    """Sum of r r^T over the rows r of a (n, K) array: (1, K, K) float64 and n."""
+def gram_rows(rows: np.ndarray, *, dtype: np.dtype | type | None = None, tile_columns: int = TILE_COLUMNS,
+              workers: int | None = None) -> tuple[np.ndarray, int]:
+    """Sum of r r^T over the rows r of a (n, K) array: (1, K, K) float64 and n (row tiles on ``workers``
+    threads, as in :func:`gram_conv`)."""
     rows = np.asarray(rows)
     if rows.ndim != 2:
         raise ValueError(f"gram_rows expects a 2-D array, got shape {rows.shape}")
     n, k = rows.shape
     wd = _work_dtype(rows, dtype)
-    acc = np.zeros((1, k, k), dtype=np.float64)
     step = max(1, int(tile_columns))
-    for s in range(0, n, step):
-        t = np.asarray(rows[s:s + step], dtype=wd)
-        acc[0] += t.T @ t  # same buffer transposed: syrk
-    return acc, n
+
+    def part(s0: int, s1: int) -> np.ndarray:
+        acc = np.zeros((k, k), dtype=np.float64)
+        for s in range(s0, s1, step):
+            t = np.asarray(rows[s:min(s + step, s1)], dtype=wd)
+            acc += t.T @ t  # same buffer transposed: syrk
+        return acc
+
+    nw = min(_workers(workers), -(-n // step)) if n else 1
+    if nw > 1:
+        per = -(-(-(-n // step)) // nw) * step  # whole tiles per worker
+        bounds = [(s, min(n, s + per)) for s in range(0, n, per)]
+        total = np.zeros((1, k, k), dtype=np.float64)
+        for p in _pool(nw).map(lambda b: part(*b), bounds):
+            total[0] += p
+        return total, n
+    return part(0, n)[None], n
 
 
 def gram_gemm(x: np.ndarray, *, trans_a: bool = False, dtype: np.dtype | type | None = None,
@@ -130,9 +161,14 @@ def _unfold_tile(x: np.ndarray, g: int, kernel: tuple[int, ...], begin, end, str
 def gram_conv(x: np.ndarray, weight_shape: Sequence[int], *, group: int = 1, pads_begin: Sequence[int] | None = None,
               pads_end: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               dilations: Sequence[int] | None = None, dtype: np.dtype | type | None = None,
-              tile_bytes: int = TILE_BYTES, tile_columns: int = TILE_COLUMNS) -> tuple[np.ndarray, int]:
+              tile_bytes: int = TILE_BYTES, tile_columns: int = TILE_COLUMNS,
+              workers: int | None = None) -> tuple[np.ndarray, int]:
     """Conv input (batch, Cin, *spatial) with resolved geometry (auto_pad already turned into pads):
-    ((group, Cin/group * prod(kernel), same) float64 sums of x x^T over all output positions, columns)."""
+    ((group, Cin/group * prod(kernel), same) float64 sums of x x^T over all output positions, columns).
+
+    ``workers`` threads (default: the machine's cores, at most 4) unfold and multiply tiles side by side
+    (numpy's copies and BLAS release the GIL): the per-channel products of a depthwise conv are too small for
+    BLAS's own threads. The sums do not depend on ``workers`` beyond float32 rounding of the tile split."""
     x = np.asarray(x)
     kernel = tuple(int(k) for k in weight_shape[2:])
     nd = len(kernel)
@@ -163,18 +199,33 @@ def gram_conv(x: np.ndarray, weight_shape: Sequence[int], *, group: int = 1, pad
     per_group = c * b * positions * wd.itemsize
     gstep = max(1, min(g, int(tile_bytes) // max(per_group, 1)))
     bstep = b if gstep > 1 or per_group <= tile_bytes else max(1, int(tile_bytes) // max(c * positions * wd.itemsize, 1))
+    nw = _workers(workers)
+    if nw > 1:  # enough tiles to keep every worker busy
+        if -(-g // gstep) < nw and gstep > 1:
+            gstep = -(-g // nw)
+        elif -(-g // gstep) < nw and -(-b // bstep) < nw:
+            bstep = max(1, -(-b // nw))
     cg = cin // g
-    for g0 in range(0, g, gstep):
-        g1 = min(g, g0 + gstep)
-        xg = x[:, g0 * cg:g1 * cg] if g > 1 else x
-        for s in range(0, b, bstep):
-            xs = np.asarray(xg[s:s + bstep], dtype=wd)
-            if ksize == 1 and not any(begin) and not any(end):
-                cols = xs.reshape(xs.shape[0], g1 - g0, cg, positions)
-                cols = np.ascontiguousarray(cols.transpose(1, 2, 0, 3)).reshape(g1 - g0, cg, -1)
-            else:
-                cols = _unfold_tile(xs, g1 - g0, kernel, begin, end, strides, dil, out, wd)
-            _accumulate(acc[g0:g1], cols, tile_columns)
+    one_by_one = ksize == 1 and not any(begin) and not any(end)
+
+    def tile(g0: int, g1: int, s: int) -> np.ndarray:
+        xs = np.asarray((x[:, g0 * cg:g1 * cg] if g > 1 else x)[s:s + bstep], dtype=wd)
+        if one_by_one:
+            cols = xs.reshape(xs.shape[0], g1 - g0, cg, positions)
+            cols = np.ascontiguousarray(cols.transpose(1, 2, 0, 3)).reshape(g1 - g0, cg, -1)
+        else:
+            cols = _unfold_tile(xs, g1 - g0, kernel, begin, end, strides, dil, out, wd)
+        part = np.zeros((g1 - g0, c, c), dtype=np.float64)
+        _accumulate(part, cols, tile_columns)
+        return part
+
+    tasks = [(g0, min(g, g0 + gstep), s) for g0 in range(0, g, gstep) for s in range(0, b, bstep)]
+    if nw > 1 and len(tasks) > 1:
+        for (g0, g1, _), part in zip(tasks, _pool(nw).map(lambda t: tile(*t), tasks)):
+            acc[g0:g1] += part
+    else:
+        for g0, g1, s in tasks:
+            acc[g0:g1] += tile(g0, g1, s)
     return acc, b * positions
 
 

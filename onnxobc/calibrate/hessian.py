@@ -281,9 +281,10 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     if progress is not None:
         it = progress(it, "calibrating", total)
     kinds = {id(c): _kind(c, layer) for layer in layers for c in layer.consumers}
-    # With the overlap, ONNX Runtime's threads already keep the cores busy: one BLAS thread for the Grams
-    # (multi-threaded OpenBLAS on short products spins and collapses when its cores are taken).
-    limit = threadpool_limits(limits=1, user_api="blas") if overlap and hessians else contextlib.nullcontext()
+    # One BLAS thread per call: the Gram code runs its tiles on its own worker threads (one per core), and
+    # multi-threaded OpenBLAS on short or thin products spins and collapses when its cores are taken (by
+    # ONNX Runtime's threads running the next batch, or by the other Gram workers).
+    limit = threadpool_limits(limits=1, user_api="blas") if hessians else contextlib.nullcontext()
     with limit:
         _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kinds, hessians, dtype, prof)
     return stats
