@@ -246,6 +246,25 @@ def test_chosen_level_on_the_shipped_model():
             assert hz._same_bits(a, b), name
 
 
+def test_collect_hessians_checks_the_level_after_the_first_batch():
+    """The first batch runs unoptimised; the level check picks one for the rest; same Hessians as "off"."""
+    model = onnx.load(str(ROOT / "models" / "fmnist_cnn.onnx"))
+    layers, _ = find_layers(model)
+    feeds = list(iter_batches(str(ROOT / "models" / "fmnist_calib.npz"), input_specs(model), batch_size=16,
+                              max_samples=48))
+    for overlap in (True, False):
+        prof = {}
+        auto = collect_hessians(model, layers, feeds, profile=prof, overlap=overlap)
+        assert prof["level"] != "off" and prof["level_check"] > 0
+        off = collect_hessians(model, layers, feeds, optimize="off", overlap=overlap)
+        for layer in layers:
+            assert auto[layer.name].samples == off[layer.name].samples == 48
+            assert rel(auto[layer.name].xtx, off[layer.name].xtx) < 1e-12  # same tensors, same tiles
+    prof = {}
+    collect_hessians(model, layers, feeds[:1], profile=prof)
+    assert prof["level"] == "off" and "level_check" not in prof  # one batch: nothing left to speed up
+
+
 def test_a_level_that_changes_one_tensor_is_refused(monkeypatch):
     """A session whose outputs differ in one bit is not used: the next level down is."""
     real = hz.make_session

@@ -102,8 +102,9 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.ndarray], specs: list | None = None,
-                   *, providers: list[str] | None = None, optimize: str = "auto", report: dict | None = None):
+def choose_session(model: onnx.ModelProto | bytes, fetch: list[str], feed: dict[str, np.ndarray],
+                   specs: list | None = None, *, providers: list[str] | None = None, optimize: str = "auto",
+                   report: dict | None = None, ref_sess=None):
     """The fastest session whose recorded tensors are bit-identical to the unoptimised graph's.
 
     ``optimize="auto"`` tries ONNX Runtime's levels from the most aggressive down and keeps the first one
@@ -111,7 +112,8 @@ def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.
     calibration batch; its first few samples when the batch axis is dynamic). A level is refused whole for
     the model when one tensor differs: layout changes such as NCHWc change float summation order, fusions
     such as LayerNorm change rounding, and those are the tensors that carry the whole graph's work.
-    "off" / "basic" / "extended" / "all" force a level without checking."""
+    "off" / "basic" / "extended" / "all" force a level without checking. ``ref_sess``: an unoptimised
+    session of the same model, when the caller has one."""
     if optimize not in ("auto",) + _LEVELS:
         raise CalibrationError(f"optimize={optimize!r}: expected one of auto, {', '.join(_LEVELS)}")
     if optimize != "auto" or not fetch:
@@ -125,9 +127,8 @@ def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.
         n = feed_samples(feed, specs)
         if n > _CHECK_SAMPLES:
             probe = {k: (v[:_CHECK_SAMPLES] if k in batched else v) for k, v in feed.items()}
-    if tensor_bytes(model) <= _EXTERNAL_DATA_THRESHOLD:
-        model = model.SerializeToString()  # once for the up to four sessions below
-    ref_sess = make_session(model, providers, "off")
+    model = _serialised(model)  # once for the up to four sessions below
+    ref_sess = ref_sess if ref_sess is not None else make_session(model, providers, "off")
     ref = _run(ref_sess, fetch, probe, 0)
     tried = {}
     for level in _LEVELS[:-1]:
@@ -145,6 +146,12 @@ def choose_session(model: onnx.ModelProto, fetch: list[str], feed: dict[str, np.
     if report is not None:
         report.update(level="off", mismatches=tried)
     return ref_sess
+
+
+def _serialised(model: onnx.ModelProto | bytes) -> onnx.ModelProto | bytes:
+    if isinstance(model, onnx.ModelProto) and tensor_bytes(model) <= _EXTERNAL_DATA_THRESHOLD:
+        return model.SerializeToString()
+    return model
 
 
 def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
@@ -183,15 +190,20 @@ def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | 
     return name
 
 
-def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str],
-                overlap: bool) -> Iterator[tuple[dict, list]]:
+def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str], overlap: bool,
+                switch: Callable[[], Any] | None = None) -> Iterator[tuple[dict, list]]:
     """(feed, outputs) per batch. With ``overlap``, a thread runs ONNX Runtime on the next batch while the
     caller accumulates the current one (ONNX Runtime and the BLAS products release the GIL). The thread
     starts a batch only when the caller has let go of the one before the current: memory holds two
-    batches' activations (one without ``overlap``), never the dataset's."""
+    batches' activations (one without ``overlap``), never the dataset's.
+
+    ``switch``, when given, is called once the first batch has been handed over and returns the session for
+    the others: the optimisation-level check then runs while the first batch's Grams accumulate."""
     rest = itertools.chain([first], rest)
     if not overlap:
         for nb, feed in enumerate(rest):
+            if nb == 1 and switch is not None:
+                sess = switch()
             yield feed, _run(sess, fetch, feed, nb)
         return
     q: queue.Queue = queue.Queue()
@@ -200,14 +212,17 @@ def _prefetched(first: dict, rest: Iterator[dict], sess, fetch: list[str],
     done = object()
 
     def produce() -> None:
+        s = sess
         try:
             for nb, feed in enumerate(rest):
+                if nb == 1 and switch is not None:
+                    s = switch()
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
                         return
                 if stop.is_set():
                     return
-                q.put((feed, _run(sess, fetch, feed, nb)))
+                q.put((feed, _run(s, fetch, feed, nb)))
             q.put(done)
         except BaseException as e:  # handed to the consumer, raised there
             q.put(e)
@@ -275,9 +290,22 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     first_feed = next(source, None)
     if first_feed is None:
         raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
-    sess = choose_session(aug, fetch, first_feed, specs, providers=providers, optimize=optimize, report=prof)
+    if optimize not in ("auto",) + _LEVELS:
+        raise CalibrationError(f"optimize={optimize!r}: expected one of auto, {', '.join(_LEVELS)}")
+    src = _serialised(aug)
+    # The first batch runs unoptimised (exact by definition); the level check follows on the ONNX Runtime
+    # side, beside that batch's Grams, and the other batches use what it picked.
+    sess = make_session(src, providers, "off" if optimize == "auto" else optimize)
+    prof["level"] = "off" if optimize == "auto" else optimize
+    switch = None
+    if optimize == "auto" and fetch:
+        def switch():
+            t = time.perf_counter()
+            chosen = choose_session(src, fetch, first_feed, specs, providers=providers, report=prof, ref_sess=sess)
+            prof["level_check"] = time.perf_counter() - t
+            return chosen
     prof["session"] = prof.get("session", 0.0) + time.perf_counter() - t0
-    it: Iterable = _prefetched(first_feed, source, sess, fetch, overlap)
+    it: Iterable = _prefetched(first_feed, source, sess, fetch, overlap, switch)
     if progress is not None:
         it = progress(it, "calibrating", total)
     kinds = {id(c): _kind(c, layer) for layer in layers for c in layer.consumers}
