@@ -10,7 +10,9 @@ columns are formed exactly as the node computes them (im2col for Conv, rows for 
 * without unfolding where none is needed: a 1x1 stride-1 unpadded Conv is a product on the reshaped input;
   other convs unfold one tile of samples at a time, taps written straight into the (groups, C, columns)
   layout the product reads (for a depthwise conv each channel's k^2 x k^2 Gram is one small product in a
-  batch over channels).
+  batch over channels);
+* tiles side by side on a few threads (numpy's copies and BLAS release the GIL; ``collect_hessians`` holds
+  BLAS to one thread per call meanwhile).
 
 Every function returns ``(sums, columns)``: ``sums`` a (groups, C, C) float64 array, ``columns`` the number of
 columns summed. ``gram_reference`` is the previous float64 im2col path, kept for tests and benchmarks.
@@ -27,7 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Float32 bytes of one unfolded tile (bounds the im2col buffer: memory stays one batch's activations + this).
+# Float32 bytes of one unfolded tile (bounds the im2col buffers: memory stays one batch's activations plus
+# this per worker thread).
 TILE_BYTES = 32 << 20
 # Columns summed by one float32 product before it is added to the float64 sum (bounds float32 rounding).
 TILE_COLUMNS = 4096
@@ -39,7 +42,11 @@ _POOL: dict[int, ThreadPoolExecutor] = {}
 def _workers(workers: int | None) -> int:
     if workers is not None:
         return max(1, int(workers))
-    return max(1, min(4, os.cpu_count() or 1))
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
