@@ -270,8 +270,9 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     batch in ONNX Runtime while this one's Grams accumulate; ``precision="float32"`` forms the Gram products
     in float32 tiles summed in float64 (:mod:`onnxobc.calibrate.gram`; relative difference ~1e-7 from
     "float64", which computes every product in float64). ``profile``, when given a dict, receives seconds
-    spent per phase ("session": creating and choosing it, "ort_wait", "gram", "observers") and per layer kind ("gram:Conv 1x1",
-    ...), and the chosen optimisation level."""
+    spent per phase ("session": creating the first session; "level_check": the level search, on the ONNX
+    Runtime thread; "ort_wait": waiting for a batch; "gram"; "observers") and per layer kind ("gram:Conv
+    1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed."""
     if precision not in ("float32", "float64"):
         raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
     dtype = np.float64 if precision == "float64" else None
