@@ -28,7 +28,8 @@ from ..runtime import inference_session
 
 log = logging.getLogger(__name__)
 
-# Upper bound on the float64 columns unfolded at once for one layer (im2col of big feature maps).
+# Samples handed to one Gram call are capped so that their full float64 im2col would fit here (the Gram
+# code itself unfolds in smaller float32 tiles; this only bounds the work and memory of one call).
 _UNFOLD_BYTES = 256 << 20
 
 
