@@ -12,12 +12,12 @@ from onnxobc.errors import CalibrationError
 from onnxobc.graph import find_layers
 
 
-
 def _close(actual, desired):
     """Hessians are float32 products summed in float64 (issue 11): equal to the float64 products within the
     accuracy target, relative 1e-5 elementwise plus 1e-6 of the largest entry for entries that cancel."""
     desired = np.asarray(desired)
     np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * float(np.abs(desired).max()))
+
 
 def naive_conv_columns(x, w_shape, attrs):
     """Per-position loops, independent of the library's slicing im2col: (groups, C, columns)."""
