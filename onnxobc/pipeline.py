@@ -250,7 +250,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
     try:
         stats = collect_hessians(model, todo, batches, progress=progress,
                                  total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                                 observers=observers, hessians=need_h)
+                                 observers=observers, hessians=need_h, specs=ins)
     except CalibrationError as e:  # say how the inputs were sliced: a wrong batch axis fails inside ONNX Runtime
         if "ONNX Runtime failed" not in str(e):
             raise

@@ -12,6 +12,13 @@ from onnxobc.errors import CalibrationError
 from onnxobc.graph import find_layers
 
 
+def _close(actual, desired):
+    """Hessians are float32 products summed in float64 (issue 11): equal to the float64 products within the
+    accuracy target, relative 1e-5 elementwise plus 1e-6 of the largest entry for entries that cancel."""
+    desired = np.asarray(desired)
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * float(np.abs(desired).max()))
+
+
 def naive_conv_columns(x, w_shape, attrs):
     """Per-position loops, independent of the library's slicing im2col: (groups, C, columns)."""
     nd = len(w_shape) - 2
@@ -82,7 +89,7 @@ def test_conv_hessian_matches_naive_unfold(case):
     H_ref = 2 * np.einsum("gcn,gdn->gcd", X, X) / 5
     H = stats[layer.name].hessian()
     assert H.shape == (layer.groups, layer.cols, layer.cols)
-    np.testing.assert_allclose(H, H_ref, rtol=1e-10, atol=1e-10)
+    _close(H, H_ref)
     assert stats[layer.name].samples == 5
 
 
@@ -118,14 +125,14 @@ def test_matmul_3d_and_gemm_hessians():
     layers, stats = _hessians(model, feed, batch_size=3)
     fc1 = next(l for l in layers if l.name == "fc1/MatMul")
     A = feed[model.graph.input[0].name].astype(np.float64).reshape(-1, 8)
-    np.testing.assert_allclose(stats[fc1.name].hessian()[0], 2 * A.T @ A / 7, rtol=1e-10)
+    _close(stats[fc1.name].hessian()[0], 2 * A.T @ A / 7)
     assert stats[fc1.name].columns == 7 * 5
 
     model = graphs.gemm_transB0()
     feed = graphs.make_feed(model, 9, seed=4)
     layers, stats = _hessians(model, feed, batch_size=4)
     A = next(iter(feed.values())).astype(np.float64)
-    np.testing.assert_allclose(stats[layers[0].name].hessian()[0], 2 * A.T @ A / 9, rtol=1e-10)
+    _close(stats[layers[0].name].hessian()[0], 2 * A.T @ A / 9)
 
 
 def test_gemm_transA_hessian():
@@ -140,7 +147,7 @@ def test_gemm_transA_hessian():
     layers, _ = find_layers(model)
     stats = collect_hessians(model, layers, [{"A": a}])
     X = a.astype(np.float64)  # transA: the columns of A^T are A's columns -> X = A (K x M)
-    np.testing.assert_allclose(stats["gemm"].xtx[0], X @ X.T, rtol=1e-10)
+    _close(stats["gemm"].xtx[0], X @ X.T)
 
 
 def test_shared_weight_hessian_is_sum_of_consumers():
@@ -157,15 +164,15 @@ def test_shared_weight_hessian_is_sum_of_consumers():
     vals.update(feed)
     xs = [vals[c.input_name].reshape(-1, 8).astype(np.float64) for c in layer.consumers]
     ref = sum(2 * x.T @ x for x in xs) / 4
-    np.testing.assert_allclose(stats[layer.name].hessian()[0], ref, rtol=1e-10)
+    _close(stats[layer.name].hessian()[0], ref)
 
 
 def test_streaming_batch_size_does_not_change_hessian():
     model = graphs.conv2d_grouped()
     feed = graphs.make_feed(model, 9, seed=6)
     H = [_hessians(model, feed, batch_size=bs)[1]["conv"].hessian() for bs in (1, 4, 9)]
-    np.testing.assert_allclose(H[0], H[1], rtol=1e-12)
-    np.testing.assert_allclose(H[0], H[2], rtol=1e-12)
+    _close(H[0], H[1])
+    _close(H[0], H[2])
 
 
 # ---- data readers ---------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ def test_unfold_in_slices_gives_same_hessian(monkeypatch):
     full = _hessians(model, feed, batch_size=6)[1]["conv"].hessian()
     monkeypatch.setattr(hz, "_UNFOLD_BYTES", 1)  # one sample at a time
     sliced = _hessians(model, feed, batch_size=6)[1]["conv"].hessian()
-    np.testing.assert_allclose(full, sliced, rtol=1e-12)
+    _close(full, sliced)
 
 
 def _masked_model():
@@ -289,8 +296,8 @@ def test_padding_tokens_are_left_out_of_the_hessian():
     feed = {"X": X, "attention_mask": mask}
     st = collect_hessians(model, layers, [feed], token_mask="attention_mask")["mm"]
     real = X[mask != 0].astype(np.float64)
-    np.testing.assert_allclose(st.hessian()[0], 2 * real.T @ real / 5, rtol=1e-10)
+    _close(st.hessian()[0], 2 * real.T @ real / 5)
     assert st.columns == int(mask.sum())
     full = collect_hessians(model, layers, [feed])["mm"]
     allx = X.reshape(-1, 8).astype(np.float64)
-    np.testing.assert_allclose(full.hessian()[0], 2 * allx.T @ allx / 5, rtol=1e-10)
+    _close(full.hessian()[0], 2 * allx.T @ allx / 5)
