@@ -83,7 +83,7 @@ def _sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[_Site], li
         if node is None:
             notes.append(dict(layer=layer.name, note="not corrected: its output is not produced in the written graph"))
             continue
-        axis = 1 if layer.op == "Conv" else -1
+        axis = layer.layout.channel_axis
         sites.append(_Site(layer, node, c.output_name, axis))
     return sites, notes
 
@@ -224,7 +224,7 @@ def site_channels(site: _Site) -> int:
 def reference(dense: onnx.ModelProto, layers: list[Layer], feeds: list[dict], token_mask: str | None = None
               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (mean, std) of every single-consumer layer's output in the dense model (before any edit)."""
-    outs = [(l.consumers[0].output_name, 1 if l.op == "Conv" else -1) for l in layers if len(l.consumers) == 1]
+    outs = [(l.consumers[0].output_name, l.layout.channel_axis) for l in layers if len(l.consumers) == 1]
     return {o: st for (o, _), st in zip(outs, _stats(dense, outs, feeds, token_mask))} if outs else {}
 
 

@@ -338,19 +338,19 @@ def _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kind
             for c in layer.consumers:
                 t = time.perf_counter()
                 x = np.asarray(values[c.input_name])
-                if mask is not None and layer.op != "Conv" and x.ndim >= 3 and x.shape[:2] == mask.shape:
+                if mask is not None and c.layout.token_inputs and x.ndim >= 3 and x.shape[:2] == mask.shape:
                     x = x[mask]  # real tokens only: (tokens, ..., K)
-                if layer.op == "MatMul" and x.shape[-1] != layer.weight.shape[0]:
-                    raise CalibrationError(f"{c.node_name}: input has last dim {x.shape[-1]}, weight expects {layer.weight.shape[0]}")
+                why = c.layout.input_problem(x.shape, layer.weight.shape)
+                if why:
+                    raise CalibrationError(f"{c.node_name}: {why}")
                 if not hessians:
-                    if c.layout.op == "Conv":
-                        st.columns += len(x) * c.layout.positions_per_sample(x.shape, layer.weight.shape)
-                    else:
-                        st.columns += x.size // max(layer.cols, 1)
+                    st.columns += (len(x) if c.layout.rows_are_samples else x.shape[-1]) * \
+                        c.layout.positions_per_sample(x.shape, layer.weight.shape)
                     continue
                 # a slice of samples at a time (the Gram code tiles further): bounded work per call
                 per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
-                step = max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.op != "Gemm" else max(len(x), 1)
+                step = (max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.rows_are_samples
+                        else max(len(x), 1))
                 for s in range(0, max(len(x), 1), step):
                     xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape, dtype=dtype)
                     if xtx.shape[1] != layer.cols:

@@ -95,42 +95,31 @@ class OpLayout:
         """Whether ONNX Runtime's MatMulNBits can replace the node (a MatMul with a constant 2-D B)."""
         return False
 
-    # ---- inputs -> columns ---------------------------------------------------------------------------
-    def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
-        """The node's input (one batch) -> columns, shape (groups, C, n_columns), float64."""
-        if self.op == "Gemm":
-            a = x.T if self.attrs.get("transA", 0) else x
-            return np.asarray(a, dtype=np.float64).T[None]
-        if self.op == "MatMul":
-            k = weight_shape[0]
-            if x.ndim == 1:
-                x = x[None]
-            return np.asarray(x, dtype=np.float64).reshape(-1, k).T[None]
-        return self._im2col(x, weight_shape)
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the node's OUTPUT that indexes output channels."""
+        return -1
 
-    def conv_geometry(self, spatial_in: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(pads_begin, pads_end, strides, dilations) with auto_pad resolved for these input sizes."""
-        nd = len(kernel)
-        strides = list(self.attrs.get("strides") or [1] * nd)
-        dil = list(self.attrs.get("dilations") or [1] * nd)
-        auto_pad = self.attrs.get("auto_pad", "NOTSET")
-        if isinstance(auto_pad, bytes):
-            auto_pad = auto_pad.decode()
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for i in range(nd):
-                out = -(-spatial_in[i] // strides[i])
-                total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial_in[i], 0)
-                small, big = total // 2, total - total // 2
-                b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-                begin.append(b)
-                end.append(e)
-        elif auto_pad == "VALID":
-            begin, end = [0] * nd, [0] * nd
-        else:
-            pads = list(self.attrs.get("pads") or [0] * (2 * nd))
-            begin, end = pads[:nd], pads[nd:]
-        return begin, end, strides, dil
+    @property
+    def token_inputs(self) -> bool:
+        """Whether an input of shape [batch, sequence, ...] carries one token per position (padding tokens can
+        be left out of its statistics); False for Conv, whose positions are spatial."""
+        return True
+
+    @property
+    def rows_are_samples(self) -> bool:
+        """Whether axis 0 of the node's input indexes samples (so the input can be cut into slices of samples)."""
+        return True
+
+    def input_problem(self, x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> str | None:
+        """Why an input of this shape cannot multiply the weight (None: it can)."""
+        return None
+
+    # ---- inputs -> columns (per op) --------------------------------------------------------------------
+    def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """The node's input (one batch) -> columns, shape (groups, C, n_columns), float64 (the reference the
+        Gram products are tested against)."""
+        raise NotImplementedError
 
     def gram(self, x: np.ndarray, weight_shape: tuple[int, ...], *, dtype=None) -> tuple[np.ndarray, int]:
         """(sum of x x^T over the columns of this input, per group: (groups, C, C) float64; number of columns).
@@ -138,67 +127,11 @@ class OpLayout:
         Same sums as ``unfold`` followed by ``cols @ cols^T``, computed by :mod:`onnxobc.engine.gram` in
         float32 tiles accumulated in float64 (``dtype=np.float64`` for float64 products), without unfolding
         1x1 convs and without a full im2col buffer for the others."""
-        from ..engine import gram as gm
-
-        if self.op == "Gemm":
-            return gm.gram_gemm(x, trans_a=bool(self.attrs.get("transA", 0)), dtype=dtype)
-        if self.op == "MatMul":
-            return gm.gram_matmul(x, int(weight_shape[0]), dtype=dtype)
-        kernel = tuple(int(k) for k in weight_shape[2:])
-        if x.ndim != len(kernel) + 2:
-            raise CalibrationError(f"Conv input has rank {x.ndim}, expected {len(kernel) + 2} for a {len(kernel)}-D kernel")
-        begin, end, strides, dil = self.conv_geometry(x.shape[2:], kernel)
-        try:
-            return gm.gram_conv(x, weight_shape, group=self.groups(weight_shape), pads_begin=begin, pads_end=end,
-                                strides=strides, dilations=dil, dtype=dtype)
-        except ValueError as e:
-            raise CalibrationError(str(e)) from e
-
-    def _im2col(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
-        cols = self._im2col_samples(x, weight_shape)
-        b, g, c, n = cols.shape
-        return cols.transpose(1, 2, 0, 3).reshape(g, c, b * n)
-
-    def _im2col_samples(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
-        """im2col per sample: (batch, groups, C, positions), C ordered like the weight (Cin/g, then taps)."""
-        g = self.groups(weight_shape)
-        kernel = tuple(int(k) for k in weight_shape[2:])
-        nd = len(kernel)
-        if x.ndim != nd + 2:
-            raise CalibrationError(f"Conv input has rank {x.ndim}, expected {nd + 2} for a {nd}-D kernel")
-        b, cin = x.shape[:2]
-        spatial = x.shape[2:]
-        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
-        xp = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (0, 0)] + list(zip(begin, end)))
-        out = [
-            (spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)
-        ]
-        if min(out) <= 0:
-            raise CalibrationError(f"Conv output would be empty for input spatial size {spatial}")
-        ksize = math.prod(kernel)
-        cols = np.empty((b, cin, ksize) + tuple(out), dtype=np.float64)
-        for t, offs in enumerate(itertools.product(*[range(k) for k in kernel])):
-            sl = tuple(
-                slice(offs[i] * dil[i], offs[i] * dil[i] + (out[i] - 1) * strides[i] + 1, strides[i]) for i in range(nd)
-            )
-            cols[:, :, t] = xp[(slice(None), slice(None)) + sl]
-        # (b, g, cin/g * ksize, L): Cin outermost then kernel taps, like the weight
-        return cols.reshape(b, g, (cin // g) * ksize, -1)
+        raise NotImplementedError
 
     def positions_per_sample(self, x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
         """How many columns one sample contributes (spatial outputs for Conv, tokens for MatMul)."""
-        if self.op == "Gemm":
-            return 1
-        if self.op == "MatMul":
-            return int(np.prod(x_shape[1:-1])) if len(x_shape) > 2 else 1
-        kernel = tuple(int(k) for k in weight_shape[2:])
-        spatial = x_shape[2:]
-        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
-        return int(
-            np.prod(
-                [(spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(len(kernel))]
-            )
-        )
+        return 1
 
 
 @adapter("Gemm")
@@ -224,6 +157,19 @@ class GemmLayout(OpLayout):
     def fan_in_axis(self):
         return 1 if self.attrs.get("transB", 0) else 0
 
+    @property
+    def rows_are_samples(self):
+        return not self.attrs.get("transA", 0)
+
+    def unfold(self, x, weight_shape):
+        a = x.T if self.attrs.get("transA", 0) else x
+        return np.asarray(a, dtype=np.float64).T[None]
+
+    def gram(self, x, weight_shape, *, dtype=None):
+        from ..engine import gram as gm
+
+        return gm.gram_gemm(x, trans_a=bool(self.attrs.get("transA", 0)), dtype=dtype)
+
 
 @adapter("MatMul")
 @dataclass(frozen=True)
@@ -248,6 +194,25 @@ class MatMulLayout(OpLayout):
 
     def position_dims(self, output_shape):
         return list(output_shape[1:-1])
+
+    def unfold(self, x, weight_shape):
+        k = weight_shape[0]
+        if x.ndim == 1:
+            x = x[None]
+        return np.asarray(x, dtype=np.float64).reshape(-1, k).T[None]
+
+    def gram(self, x, weight_shape, *, dtype=None):
+        from ..engine import gram as gm
+
+        return gm.gram_matmul(x, int(weight_shape[0]), dtype=dtype)
+
+    def positions_per_sample(self, x_shape, weight_shape):
+        return int(np.prod(x_shape[1:-1])) if len(x_shape) > 2 else 1
+
+    def input_problem(self, x_shape, weight_shape):
+        if x_shape[-1] != weight_shape[0]:
+            return f"input has last dim {x_shape[-1]}, weight expects {weight_shape[0]}"
+        return None
 
     @property
     def matmulnbits(self):
@@ -306,3 +271,89 @@ class ConvLayout(OpLayout):
 
     def position_dims(self, output_shape):
         return list(output_shape[2:])
+
+    @property
+    def channel_axis(self):
+        return 1
+
+    @property
+    def token_inputs(self):
+        return False
+
+    def unfold(self, x, weight_shape):
+        return self._im2col(x, weight_shape)
+
+    def gram(self, x, weight_shape, *, dtype=None):
+        from ..engine import gram as gm
+
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        if x.ndim != len(kernel) + 2:
+            raise CalibrationError(f"Conv input has rank {x.ndim}, expected {len(kernel) + 2} for a {len(kernel)}-D kernel")
+        begin, end, strides, dil = self.conv_geometry(x.shape[2:], kernel)
+        try:
+            return gm.gram_conv(x, weight_shape, group=self.groups(weight_shape), pads_begin=begin, pads_end=end,
+                                strides=strides, dilations=dil, dtype=dtype)
+        except ValueError as e:
+            raise CalibrationError(str(e)) from e
+
+    def positions_per_sample(self, x_shape, weight_shape):
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        spatial = x_shape[2:]
+        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
+        return int(np.prod([(spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                            for i in range(len(kernel))]))
+
+    def conv_geometry(self, spatial_in: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(pads_begin, pads_end, strides, dilations) with auto_pad resolved for these input sizes."""
+        nd = len(kernel)
+        strides = list(self.attrs.get("strides") or [1] * nd)
+        dil = list(self.attrs.get("dilations") or [1] * nd)
+        auto_pad = self.attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for i in range(nd):
+                out = -(-spatial_in[i] // strides[i])
+                total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial_in[i], 0)
+                small, big = total // 2, total - total // 2
+                b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+                begin.append(b)
+                end.append(e)
+        elif auto_pad == "VALID":
+            begin, end = [0] * nd, [0] * nd
+        else:
+            pads = list(self.attrs.get("pads") or [0] * (2 * nd))
+            begin, end = pads[:nd], pads[nd:]
+        return begin, end, strides, dil
+
+    def _im2col(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        cols = self._im2col_samples(x, weight_shape)
+        b, g, c, n = cols.shape
+        return cols.transpose(1, 2, 0, 3).reshape(g, c, b * n)
+
+    def _im2col_samples(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """im2col per sample: (batch, groups, C, positions), C ordered like the weight (Cin/g, then taps)."""
+        g = self.groups(weight_shape)
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        nd = len(kernel)
+        if x.ndim != nd + 2:
+            raise CalibrationError(f"Conv input has rank {x.ndim}, expected {nd + 2} for a {nd}-D kernel")
+        b, cin = x.shape[:2]
+        spatial = x.shape[2:]
+        begin, end, strides, dil = self.conv_geometry(spatial, kernel)
+        xp = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (0, 0)] + list(zip(begin, end)))
+        out = [
+            (spatial[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)
+        ]
+        if min(out) <= 0:
+            raise CalibrationError(f"Conv output would be empty for input spatial size {spatial}")
+        ksize = math.prod(kernel)
+        cols = np.empty((b, cin, ksize) + tuple(out), dtype=np.float64)
+        for t, offs in enumerate(itertools.product(*[range(k) for k in kernel])):
+            sl = tuple(
+                slice(offs[i] * dil[i], offs[i] * dil[i] + (out[i] - 1) * strides[i] + 1, strides[i]) for i in range(nd)
+            )
+            cols[:, :, t] = xp[(slice(None), slice(None)) + sl]
+        # (b, g, cin/g * ksize, L): Cin outermost then kernel taps, like the weight
+        return cols.reshape(b, g, (cin // g) * ksize, -1)
