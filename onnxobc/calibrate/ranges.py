@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ACT_CALIB
+from ..engine.grid import quantize, shrink_factors, tensor_params
 
 _PER_BATCH = 1 << 16  # sampled values per tensor and batch
 _MAX_SAMPLE = 1 << 20  # values kept per tensor
@@ -43,22 +44,12 @@ class ActQuantParams:
         return (1 << self.bits) - 1
 
 
-def params_from_range(lo: float, hi: float, bits: int) -> tuple[float, int]:
-    """(scale, zero point) of the asymmetric ``bits``-bit grid spanning [lo, hi] widened to contain 0."""
-    qmax = (1 << bits) - 1
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if hi - lo <= 0 or not np.isfinite(hi - lo):
-        return 1.0, 0
-    # a range of a few denormals (a tensor that is all but zero) must not give a zero or denormal scale
-    scale = max(float(np.float32((hi - lo) / qmax)), float(np.finfo(np.float32).tiny))
-    zp = int(np.clip(np.rint(-lo / scale), 0, qmax))
-    return scale, zp
+params_from_range = tensor_params  # one quantizer: the grid math lives in onnxobc.engine.grid
 
 
 def fake_quant(x: np.ndarray, scale: float, zp: int, bits: int) -> np.ndarray:
     """What QuantizeLinear -> DequantizeLinear computes (round half to even, saturate)."""
-    qmax = (1 << bits) - 1
-    return (np.clip(np.rint(x / np.float32(scale)) + zp, 0, qmax) - zp) * np.float32(scale)
+    return quantize(x, np.float32(scale), zp, (1 << bits) - 1)
 
 
 @dataclass
@@ -127,8 +118,7 @@ class RangeObserver:
         elif st.count and method == "mse":
             x = self.sample(t)
             best = np.inf
-            for i in range(_MSE_STEPS):
-                p = 1.0 - i / 100.0
+            for p in shrink_factors(_MSE_STEPS):
                 s, z = params_from_range(p * olo, p * ohi, bits)
                 err = float(np.mean((fake_quant(x, s, z, bits) - x) ** 2))
                 if err < best:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..backend import xp_of
 
 # Shrink factors searched by the MSE grid: the range is scaled by 1 - i/100 (reference code: 100 steps,
@@ -90,6 +92,25 @@ def _params_from_range(xmin: Any, xmax: Any, bits: int, sym: bool) -> tuple[Any,
     return scale, zero
 
 
+def shrink_factors(steps: int) -> list[float]:
+    """Range shrink factors searched by MSE clipping: 1.00, 0.99, ... (``steps`` of them), for weight grids
+    (:func:`fit_grid`) and activation ranges alike."""
+    return [1 - i / 100 for i in range(steps)]
+
+
+def tensor_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """(scale, zero point) of ONE asymmetric ``bits``-bit grid spanning [lo, hi] widened to contain 0: the
+    per-tensor grid of an activation (QuantizeLinear with a scalar scale, a float32 and an integer zero point)."""
+    qmax = (1 << bits) - 1
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= 0 or not np.isfinite(hi - lo):
+        return 1.0, 0
+    # a range of a few denormals (a tensor that is all but zero) must not give a zero or denormal scale
+    scale = max(float(np.float32((hi - lo) / qmax)), float(np.finfo(np.float32).tiny))
+    zp = int(np.clip(np.rint(-lo / scale), 0, qmax))
+    return scale, zp
+
+
 def quantize(x: Any, scale: Any, zero: Any, maxq: int) -> Any:
     """Fake-quantize ``x`` with broadcastable ``scale``/``zero`` (round half to even, clamp)."""
     xp = xp_of(x)
@@ -139,8 +160,7 @@ def fit_grid(w: Any, bits: int, *, sym: bool = False, method: str = "minmax", ma
         maxq = (1 << bits) - 1
         best = xp.full(w.shape[0], xp.inf, dtype=w.dtype)
         wm = w if mask is None else xp.where(mask, w, 0)
-        for i in range(int(_MSE_STEPS * _MSE_MAX_SHRINK)):
-            p = 1 - i / _MSE_STEPS
+        for p in shrink_factors(int(_MSE_STEPS * _MSE_MAX_SHRINK)):
             s1, z1 = _params_from_range(p * wmin, p * wmax, bits, sym)
             err = xp.sum(xp.abs(quantize(wm, s1[:, None], z1[:, None], maxq) - wm) ** _MSE_NORM, axis=1)
             better = err < best
