@@ -19,6 +19,7 @@ from .backend import get_xp
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
 from .config import CompressConfig
 from .engine import LayerResult, LayerSpec, Problem, solve
+from .engine.spec import HESSIAN_METHODS
 from .errors import UnsupportedModel, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
@@ -196,7 +197,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
         act = (sites, lambda: {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib,
                                                              config.act_percentile) for s in sites},
                [dict(note=n) for n in notes])
-    need_h = config.layer_error or any(specs[l.name].method == "exact" for l in todo)
+    need_h = config.layer_error or any(specs[l.name].method in HESSIAN_METHODS for l in todo)
     stats = collect_hessians(model, todo, batches, progress=progress,
                              total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
                              observers=observers, hessians=need_h)
@@ -205,7 +206,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
 
 def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
     """One layer through the engine: its matrices, Hessians and channels-last column order as a Problem."""
-    H = st.hessian() if st.has_hessian and (spec.method == "exact" or config.layer_error) else None
+    H = st.hessian() if st.has_hessian and (spec.method in HESSIAN_METHODS or config.layer_error) else None
     problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
                       layer.layout.channels_last_perm(layer.weight.shape),
                       functools.partial(layer.layout.group_size_problem, layer.weight.shape))
