@@ -51,22 +51,26 @@ SUBBLOCK = 16  # columns per rank-1 sub-block inside a block
 
 def _chol_inv(xp: Any, H: Any, base: int = 256) -> tuple[Any, Any]:
     """(L, L^-1) with H = L L^T, L lower triangular, by recursive 2 x 2 blocking so that the work is in matrix
-    products (about 2/3 C^3 flops; LAPACK's unblocked-looking potrf ran at a tenth of dgemm's rate here):
+    products (LAPACK's potrf ran at a tenth of dgemm's rate on the development machine):
     L11 = chol(A), L21 = B L11^-T, L22 = chol(D - L21 L21^T), (L^-1)21 = -L22^-1 L21 L11^-1."""
-    n = H.shape[0]
-    if n <= base:
-        L = xp.linalg.cholesky(H)
-        return L, xp.tril(xp.linalg.inv(L))
-    h = n // 2
-    L1, L1i = _chol_inv(xp, H[:h, :h], base)
-    L21 = H[h:, :h] @ L1i.T
-    L2, L2i = _chol_inv(xp, H[h:, h:] - L21 @ L21.T, base)
     L = xp.zeros_like(H)
     Li = xp.zeros_like(H)
-    L[:h, :h], L[h:, h:], L[h:, :h] = L1, L2, L21
-    Li[:h, :h], Li[h:, h:] = L1i, L2i
-    Li[h:, :h] = -(L2i @ (L21 @ L1i))
+    _chol_inv_into(xp, H, L, Li, base)
     return L, Li
+
+
+def _chol_inv_into(xp: Any, H: Any, L: Any, Li: Any, base: int) -> None:
+    n = H.shape[0]
+    if n <= base:
+        L[...] = xp.linalg.cholesky(H)
+        Li[...] = xp.tril(xp.linalg.inv(L))
+        return
+    h = n // 2
+    _chol_inv_into(xp, H[:h, :h], L[:h, :h], Li[:h, :h], base)
+    L21 = L[h:, :h]
+    xp.matmul(H[h:, :h], Li[:h, :h].T, out=L21)
+    _chol_inv_into(xp, H[h:, h:] - L21 @ L21.T, L[h:, h:], Li[h:, h:], base)
+    Li[h:, :h] = -(Li[h:, h:] @ (L21 @ Li[:h, :h]))
 
 
 def _factor(xp: Any, Hd: Any) -> Any | None:
