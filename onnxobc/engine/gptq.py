@@ -185,6 +185,17 @@ def fast_obs(ws: Any, Hs: Any, *, bits: int | None = None, sparsity: float | Non
     if blocksize < 1:
         raise ValueError(f"{name}: blocksize must be >= 1, got {blocksize}")
     xp = xp_of(ws[0], Hs[0])
+    G.working_dtype(dtype)
+    with blas_threads(1) if xp is np else contextlib.nullcontext():
+        return _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group_size, act_order, damp,
+                         blocksize, name, dtype, rows, c)
+
+
+def _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group_size, act_order, damp, blocksize,
+              name, dtype, rows, c) -> list[EngineResult]:
+    # One BLAS thread on a CPU (ONNXOBC_BLAS_THREADS overrides, see _blas): on the shared 2-vCPU development
+    # machine the factorisation of a 2304 x 2304 Hessian took 1.0-1.6 s with one thread and 3.0-6.3 s with two
+    # (thread synchronisation under load), and the lazy updates are products of a few hundred columns.
     work = G.working_dtype(dtype)
     clock = G.Clock(xp)
     ng = len(ws)
@@ -192,11 +203,8 @@ def fast_obs(ws: Any, Hs: Any, *, bits: int | None = None, sparsity: float | Non
     order = None
     if act_order:  # by the Hessian diagonal (dead inputs last: their diagonal is 0), stable for ties
         order = [xp.argsort(-xp.diagonal(xp.asarray(H, dtype=xp.float64)), kind="stable") for H in Hs]
-    # BLAS threads: below C = 2048 the factorisation's products are small enough that a second thread costs more
-    # than it brings on a shared 2-vCPU machine (C = 1152: 0.35 s with one thread, 1-1.9 s with two)
-    with (blas_threads(1) if c < 2048 else contextlib.nullcontext()):
-        preps = [_prepare_fast(xp, H, w, damp, name, None if order is None else order[g])
-                 for g, (w, H) in enumerate(zip(ws, Hs))]
+    preps = [_prepare_fast(xp, H, w, damp, name, None if order is None else order[g])
+             for g, (w, H) in enumerate(zip(ws, Hs))]
     U = xp.stack([p[1] for p in preps])
     clock.lap("prepare")
 
