@@ -50,6 +50,7 @@ class LayerReport:
     written: str = ""
     notes: list = field(default_factory=list)  # the note as data: [{kind, text, value}]
     cost: dict | None = None  # LayerCost: macs, eff_macs, bops, bytes, dense_bytes, storage
+    solver: str = ""  # the solver that produced the weights ('exact', 'gptq', ...; 'none' when left dense)
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
         name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
         method="dense" if res.dense else config.spec_label(spec), sparsity=float(np.mean(w_new == 0)),
         bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, note=res.note, written=written,
-        notes=[asdict(n) for n in res.notes], cost=asdict(cost),
+        notes=[asdict(n) for n in res.notes], cost=asdict(cost), solver=res.solver,
     )
 
 

@@ -287,6 +287,7 @@ def test_cli_report_records_the_solver(tmp_path, capsys):
     for l in layers:
         note = next(n for n in l["notes"] if n["kind"] == "solver")
         assert note["value"]["solver"] in ("exact", "gptq")
+        assert l["solver"] == note["value"]["solver"]
         assert l["method"].startswith("auto 4b")
 
 

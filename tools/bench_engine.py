@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         run_mode(xp, mode, xp.asarray(w0), xp.asarray(h0), args.dtype)
     print(line)
-    print(f"engine dtype {args.dtype}; effective GFLOP/s = 2*rows*C^3 / s; '% sgemm' is against {ref:.1f}\n")
+    print(f"engine dtype {args.dtype}; effective GFLOP/s = 2*rows*C^3 / s (exact), (2*rows*C^2 + C^3) / s (fast "
+          f"modes); '% sgemm' is against {ref:.1f}\n")
     head = (f"{'layer':>10} {'mode':<28} {'s':>8} {'ms/row':>8} {'GFLOP/s':>9} {'% sgemm':>8} {'err':>9} "
             f"{'baseline':>9} {'exact err':>9}  phases (s)")
     print(head)

@@ -223,11 +223,11 @@ def _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group
         S = xp.take_along_axis(S, perm, axis=2)
         Z = xp.take_along_axis(Z, perm, axis=2)
     Uw = U.astype(work)
-    # outputs in the processing order: integer codes (bits) or values (pruning alone), and the pruned mask
+    # outputs in the processing order: integer codes (bits) or values (pruning alone), written block by block
     if bits is not None:
-        codes = Z.copy()  # code z is the value 0
+        codes = xp.empty_like(W)
     else:
-        vals = xp.zeros_like(W)
+        vals = xp.empty_like(W)
     B, sub = _block_sizes(int(blocksize), m)
     loss = xp.zeros(ng, dtype=xp.float64)
 
