@@ -312,3 +312,15 @@ def test_cupy_solve_auto():
     b = solve(p, LayerSpec(method="auto", bits=4, device="cuda"))
     assert a.solver == b.solver
     assert b.error == pytest.approx(a.error, rel=1e-3)
+
+
+def test_block_mask_ties_are_broken_by_position():
+    from onnxobc.engine.sparsegpt import block_mask
+
+    rng = np.random.default_rng(11)
+    W1 = rng.integers(-2, 3, size=(2, 5, 8)).astype(np.float32)  # many equal scores (and zeros)
+    d1 = np.ones((2, 8))
+    for k in (0, 1, 7, 33, 79, 80):
+        want = np.zeros(80, bool)
+        want[np.argsort((W1.astype(np.float64) ** 2).ravel(), kind="stable")[:k]] = True
+        np.testing.assert_array_equal(block_mask(W1, d1, k), want.reshape(W1.shape))

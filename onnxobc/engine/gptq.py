@@ -70,8 +70,8 @@ def _chol_inv_into(xp: Any, H: Any, L: Any, Li: Any, base: int) -> None:
         return
     h = n // 2
     _chol_inv_into(xp, H[:h, :h], L[:h, :h], Li[:h, :h], base)
+    L[h:, :h] = H[h:, :h] @ Li[:h, :h].T
     L21 = L[h:, :h]
-    xp.matmul(H[h:, :h], Li[:h, :h].T, out=L21)
     _chol_inv_into(xp, H[h:, h:] - L21 @ L21.T, L[h:, h:], Li[h:, h:], base)
     Li[h:, :h] = -(Li[h:, h:] @ (L21 @ Li[:h, :h]))
 
@@ -213,15 +213,20 @@ def _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group
     if bits is not None:
         # fitted on the original weights in the original order: static groups (sec. 6), as OBQ and RTN fit
         grids = [fit_grid(w, bits, sym=sym, method=grid_method, group_size=group_size) for w in ws]
+        # per weight (G, R, C) for group-wise grids; per row (G, R) otherwise (the same for every column)
         exp = [g.expand(c) for g in grids]
-        S = xp.stack([xp.broadcast_to(xp.asarray(s, dtype=work), (rows, c)) for s, _ in exp])
-        Z = xp.stack([xp.broadcast_to(xp.asarray(z, dtype=work), (rows, c)) for _, z in exp])
+        S = xp.stack([xp.asarray(s, dtype=work) for s, _ in exp])
+        Z = xp.stack([xp.asarray(z, dtype=work) for _, z in exp])
+        per_row = S.shape[2] == 1
+        if per_row:
+            S, Z = S[:, :, 0], Z[:, :, 0]
         maxq = grids[0].maxq
     if order is not None:
         perm = xp.stack(order)[:, None, :]
         W = xp.take_along_axis(W, perm, axis=2)
-        S = xp.take_along_axis(S, perm, axis=2)
-        Z = xp.take_along_axis(Z, perm, axis=2)
+        if bits is not None and not per_row:
+            S = xp.take_along_axis(S, perm, axis=2)
+            Z = xp.take_along_axis(Z, perm, axis=2)
     Uw = U.astype(work)
     # outputs in the processing order: integer codes (bits) or values (pruning alone), written block by block
     if bits is not None:
@@ -241,7 +246,9 @@ def _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group
         d1 = xp.diagonal(U1, axis1=1, axis2=2)  # (G, nb)
         E1 = xp.zeros_like(W1)
         if bits is not None:
-            S1, Z1, C1 = T(S[:, :, i1:i2]), T(Z[:, :, i1:i2]), xp.empty_like(W1)
+            C1 = xp.empty_like(W1)
+            if not per_row:
+                S1, Z1 = T(S[:, :, i1:i2]), T(Z[:, :, i1:i2])
         else:
             V1 = xp.empty_like(W1)
         P1 = None
@@ -258,7 +265,7 @@ def _fast_obs(xp, ws, Hs, bits, sparsity, nm, n_keep, m, sym, grid_method, group
                     P1[:, j:j + m] = xp.swapaxes(nm_mask(xp.swapaxes(W1[:, j:j + m], 1, 2), d1[:, j:j + m], n_keep),
                                                  1, 2)
                 if bits is not None:
-                    s, z = S1[:, j], Z1[:, j]
+                    s, z = (S, Z) if per_row else (S1[:, j], Z1[:, j])
                     code = xp.rint(w / s)
                     code += z
                     xp.clip(code, 0, maxq, out=code)
