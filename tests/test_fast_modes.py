@@ -1,12 +1,10 @@
 """The fast modes (issue 12, ALGORITHMS.md sec. 6): GPTQ, SparseGPT and --method auto."""
-import dataclasses
 import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 import graphs
 from onnxobc import CompressConfig, compress
@@ -70,14 +68,15 @@ def test_gptq_matches_naive(bits, gs, act, bs):
 
 @pytest.mark.parametrize("kw,bs", [(dict(sparsity=0.5), 8), (dict(sparsity=0.3), 16), (dict(sparsity=0.6), 128),
                                    (dict(nm=(2, 4)), 8), (dict(nm=(1, 4), bits=4), 8),
-                                   (dict(sparsity=0.5, bits=3), 8), (dict(nm=(2, 8)), 128)])
+                                   (dict(sparsity=0.5, bits=3), 8), (dict(nm=(2, 8)), 128),
+                                   (dict(nm=(2, 4), bits=4, group_size=8), 8)])
 def test_sparsegpt_matches_naive(kw, bs):
     w, H = layer(9, 32, seed=3)
     r = prune_sparsegpt(w, H, blocksize=bs, dtype="float64", **kw)
     Hd, w0 = damped(H, w)
     extra = {}
     if "bits" in kw:
-        s, z, grid = expanded(w, kw["bits"])
+        s, z, grid = expanded(w, kw["bits"], kw.get("group_size"))
         extra = dict(s=s, z=z, maxq=grid.maxq)
     want, loss = naive_fixed_order(Hd, w0, sparsity=kw.get("sparsity"), nm=kw.get("nm"), blocksize=bs, **extra)
     np.testing.assert_array_equal(r.weight == 0, want == 0)

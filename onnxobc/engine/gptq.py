@@ -165,7 +165,8 @@ def fast_obs(ws: Any, Hs: Any, *, bits: int | None = None, sparsity: float | Non
     for w, H in zip(ws, Hs):
         rows, c = check_layer(w, H, name)
         if tuple(w.shape) != tuple(ws[0].shape):
-            raise ValueError(f"{name}: all matrices must share one shape, got {tuple(w.shape)} and {tuple(ws[0].shape)}")
+            raise ValueError(f"{name}: all matrices must share one shape, got {tuple(w.shape)} and "
+                             f"{tuple(ws[0].shape)}")
     if bits is None and sparsity is None and nm is None:
         raise ValueError(f"{name}: nothing to do: give bits, sparsity and/or nm")
     if sparsity is not None and nm is not None:

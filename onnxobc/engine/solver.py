@@ -4,7 +4,8 @@
   one matrix (or of a grouped layer's matrices, with one global mask), on arrays;
 - :func:`solve`: a whole layer (:class:`Problem`: its matrices, Hessians and column order) under a
   :class:`~onnxobc.engine.spec.LayerSpec`, with the method looked up in :data:`SOLVERS` (exact, magnitude,
-  rtn, the fast modes gptq and sparsegpt, and auto, which picks per layer between exact and a fast mode). Pure: arrays in, a typed result out; nothing here knows ONNX.
+  rtn, the fast modes gptq and sparsegpt, and auto, which picks per layer between exact and a fast mode).
+  Pure: arrays in, a typed result out; nothing here knows ONNX.
 """
 from __future__ import annotations
 
