@@ -20,6 +20,7 @@ from .calibrate import collect_hessians, count_samples, find_token_mask, input_s
 from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
 from .engine import LayerResult, LayerSpec, Problem, solve
+from .engine.spec import HESSIAN_METHODS
 from .errors import CalibrationError, UnsupportedModel, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
@@ -51,6 +52,7 @@ class LayerReport:
     written: str = ""
     notes: list = field(default_factory=list)  # the note as data: [{kind, text, value}]
     cost: dict | None = None  # LayerCost: macs, eff_macs, bops, bytes, dense_bytes, storage
+    solver: str = ""  # the solver that produced the weights ('exact', 'gptq', ...; 'none' when left dense)
 
 
 @dataclass
@@ -246,7 +248,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
                                                              config.act_percentile) for s in sites},
                [dict(note=n) for n in notes], observers[0])
     need_h = hessians if hessians is not None else (config.layer_error or config.target is not None
-                                                    or any(specs[l.name].method == "exact" for l in todo))
+                                                    or any(specs[l.name].method in HESSIAN_METHODS for l in todo))
     try:
         stats = collect_hessians(model, todo, batches, progress=progress,
                                  total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
@@ -281,7 +283,7 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
 
 def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
     """One layer through the engine: its matrices, Hessians and channels-last column order as a Problem."""
-    H = st.hessian() if st.has_hessian and (spec.method == "exact" or config.layer_error) else None
+    H = st.hessian() if st.has_hessian and (spec.method in HESSIAN_METHODS or config.layer_error) else None
     problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
                       layer.layout.channels_last_perm(layer.weight.shape),
                       functools.partial(layer.layout.group_size_problem, layer.weight.shape))
@@ -309,7 +311,7 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
         name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
         method="dense" if res.dense else config.spec_label(spec), sparsity=float(np.mean(w_new == 0)),
         bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, note=res.note, written=written,
-        notes=[asdict(n) for n in res.notes], cost=asdict(cost),
+        notes=[asdict(n) for n in res.notes], cost=asdict(cost), solver=res.solver,
     )
 
 

@@ -9,9 +9,12 @@ Pure array code (NumPy or CuPy, inferred from the inputs); no ONNX, no I/O, no p
 - :func:`quantize_obq` - OBQ, optionally of the survivors of a mask (sec. 3);
 - :func:`compress_weight` - one entry point for all of the above and their compound;
 - :func:`compress_groups` - the same for grouped layers, one global mask over all groups;
+- :func:`quantize_gptq`, :func:`prune_sparsegpt` - the fast modes for large layers (sec. 6: fixed column order,
+  lazy block updates; :func:`~onnxobc.engine.gptq.fast_obs` for several matrices at once);
 
 each returning an :class:`EngineResult`. Naive reference implementations live in :mod:`.reference`.
 """
+from .gptq import prune_sparsegpt, quantize_gptq
 from .hessian import prepare_hessian
 from .obq import quantize_obq
 from .obs import prune_blocks, prune_nm, prune_unstructured
@@ -31,7 +34,9 @@ __all__ = [
     "prepare_hessian",
     "prune_blocks",
     "prune_nm",
+    "prune_sparsegpt",
     "prune_unstructured",
+    "quantize_gptq",
     "quantize_obq",
     "register_solver",
     "solve",

@@ -136,3 +136,60 @@ def naive_minmax_params(x: np.ndarray, bits: int, sym: bool) -> tuple[float, flo
     s = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(maxq))
     z = float((maxq + 1) // 2) if sym else float(np.rint(-np.float32(lo) / s))
     return float(s), z
+
+
+def naive_fixed_order(Hd: np.ndarray, W: np.ndarray, *, order=None, s=None, z=None, maxq: int | None = None,
+                      sparsity: float | None = None, nm: tuple[int, int] | None = None, blocksize: int = 128):
+    """GPTQ / SparseGPT by the letter (sec. 6), float64, all rows at once, the inverse re-formed at every step.
+
+    Columns are fixed one at a time in ``order`` (default: as stored). At step t, with F the columns not yet
+    fixed (column order[t] first), Hi = (Hd_FF)^-1: err = (w_j - target_j) / Hi[j, j], w_F -= err Hi[j, F]
+    (the OBS update), w_j = target_j. Targets: 0 for pruned weights, else the grid value on ``s``, ``z``
+    (rows x C, per weight, original order) when given, else the weight itself. Masks (sec. 6): unstructured,
+    at the start of each ``blocksize`` block, the block's share of round(sparsity * rows * C) smallest
+    w^2 / Hi[j, j] (the OBS loss, with each column's Hi[j, j] at the time it is fixed) over the block's rows x columns; N:M,
+    at every M-th column, the M - N smallest of each row's next M columns by the same score.
+    Returns (weights, loss) with loss = sum of err^2 Hi[j, j] / 2.
+    """
+    W = W.astype(np.float64).copy()
+    rows, c = W.shape
+    order = np.arange(c) if order is None else np.asarray(order)
+    pos = np.empty(c, int)
+    pos[order] = np.arange(c)
+    dj = np.empty(c)  # Hi[j, j] at the time column j is fixed
+    for t in range(c):
+        F = order[t:]
+        dj[order[t]] = np.linalg.inv(Hd[np.ix_(F, F)])[0, 0]
+    pruned = np.zeros((rows, c), bool)
+    loss = 0.0
+    for t in range(c):
+        j = order[t]
+        if sparsity is not None and t % blocksize == 0:
+            t2 = min(t + blocksize, c)
+            cols = order[t:t2]
+            k = int(round(sparsity * rows * t2)) - int(round(sparsity * rows * t))
+            sc = W[:, cols] ** 2 / dj[cols]
+            pruned[:, cols] = False
+            sel = np.argsort(sc.ravel(), kind="stable")[:k]
+            blk = np.zeros(sc.size, bool)
+            blk[sel] = True
+            pruned[:, cols] = blk.reshape(sc.shape)
+        if nm is not None and t % nm[1] == 0:
+            cols = order[t:t + nm[1]]
+            sc = W[:, cols] ** 2 / dj[cols]
+            drop = np.argsort(sc, axis=1, kind="stable")[:, : nm[1] - nm[0]]
+            for r in range(rows):
+                pruned[r, cols[drop[r]]] = True
+        F = order[t:]
+        Hi = np.linalg.inv(Hd[np.ix_(F, F)])
+        w = W[:, j]
+        if s is not None:
+            tgt = s[:, j] * (np.clip(np.rint(w / s[:, j]) + z[:, j], 0, maxq) - z[:, j])
+        else:
+            tgt = w.copy()
+        tgt = np.where(pruned[:, j], 0.0, tgt)
+        err = (w - tgt) / Hi[0, 0]
+        loss += float(np.sum(err ** 2) * Hi[0, 0] / 2)
+        W[:, F] -= err[:, None] * Hi[0][None, :]
+        W[:, j] = tgt
+    return W, loss

@@ -4,7 +4,8 @@
   one matrix (or of a grouped layer's matrices, with one global mask), on arrays;
 - :func:`solve`: a whole layer (:class:`Problem`: its matrices, Hessians and column order) under a
   :class:`~onnxobc.engine.spec.LayerSpec`, with the method looked up in :data:`SOLVERS` (exact, magnitude,
-  rtn; fast modes register here too). Pure: arrays in, a typed result out; nothing here knows ONNX.
+  rtn, the fast modes gptq and sparsegpt, and auto, which picks per layer between exact and a fast mode).
+  Pure: arrays in, a typed result out; nothing here knows ONNX.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..backend import get_xp, to_numpy, xp_of
 from .baselines import magnitude_prune, magnitude_prune_nm, rtn_quantize
+from .gptq import fast_obs
 from .grid import Grid, check_group_size
 from .metrics import error_terms
 from .obq import quantize_obq
@@ -129,7 +131,7 @@ def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tupl
 class Note:
     """Something the report should say about a layer: ``kind`` for programs, ``text`` for people."""
 
-    kind: str  # 'left_dense' | 'not_pruned' | 'per_channel_grid' | 'damp_raised'
+    kind: str  # 'left_dense' | 'not_pruned' | 'per_channel_grid' | 'damp_raised' | 'solver' (auto's choice)
     text: str
     value: Any = None
 
@@ -224,7 +226,7 @@ def _solve_exact(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, name: 
 def _from_engine(res: list[EngineResult], mats: np.ndarray, spec: LayerSpec):
     """Per-group engine results as one solver result: (new mats, stacked grid, loss, notes, info)."""
     damps = [r.info.get("damp", spec.damp) for r in res]
-    notes = [Note("damp_raised", f"damp raised to {max(damps):g}", max(damps))] if max(damps) > spec.damp else []
+    notes = _damp_notes(damps, spec)
     grid = _stack_grid([r.grid for r in res], spec.group_size) if all(r.grid is not None for r in res) else None
     new = np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res])
     return new, grid, float(sum(r.loss for r in res)), notes, {"damp": max(damps)}
@@ -251,6 +253,78 @@ def _solve_baseline(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, nam
     return out.reshape(g, r, c), grid, 0.0, [], {}
 
 
+def _damp_notes(damps: list, spec: LayerSpec) -> list:
+    return [Note("damp_raised", f"damp raised to {max(damps):g}", max(damps))] if max(damps) > spec.damp else []
+
+
+@register_solver("gptq")
+@register_solver("sparsegpt")
+def _solve_fast(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, name: str):
+    """GPTQ / SparseGPT (ALGORITHMS.md sec. 6) on all groups at once; gptq with a pruning option runs the
+    same joint pass as sparsegpt with bits (the solver is then recorded as 'sparsegpt')."""
+    if H is None:
+        raise ValueError(f"{name}: the {spec.method} method needs the layer's Hessian")
+    xp = get_xp(spec.device)
+    res = fast_obs([xp.asarray(m) for m in mats], [xp.asarray(h) for h in H], bits=spec.bits, sparsity=spec.sparsity,
+                   nm=spec.nm, sym=spec.sym, grid_method=spec.grid, group_size=spec.group_size,
+                   act_order=spec.act_order, damp=spec.damp, name=name, dtype=spec.dtype)
+    damps = [r.info["damp"] for r in res]
+    grid = _stack_grid([r.grid for r in res], spec.group_size) if spec.bits is not None else None
+    new = np.stack([to_numpy(r.weight).astype(mats.dtype) for r in res])
+    solver = "sparsegpt" if spec.prunes else "gptq"
+    return new, grid, float(sum(r.loss for r in res)), _damp_notes(damps, spec), {"damp": max(damps), "solver": solver}
+
+
+# Exact cost rows * C^3 (summed over a grouped layer's matrices) up to which --method auto runs the exact solver
+# as well as the fast one and keeps the lower layer error. Measured with tools/bench_engine.py on the 2-vCPU
+# development machine (docs/RESULTS.md, "Fast modes"): exact OBQ runs at about 4e10 rows*C^3 per second there
+# (256x1152 in ~10 s), so 2e11 is an exact solve of about 5 s (e.g. 1536x384 or 128x1152), beyond which the
+# fast mode (1-2 s at 4096x4096) alone is used.
+AUTO_EXACT_MAX_COST = 2e11
+
+
+def _layer_error(mats: np.ndarray, new: np.ndarray, H: np.ndarray) -> float:
+    num = den = 0.0
+    for g in range(mats.shape[0]):
+        a, b = error_terms(mats[g], new[g], H[g])
+        num += a
+        den += b
+    return float(num / den if den > 0 else 0.0)
+
+
+@register_solver("auto")
+def _solve_auto(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, name: str):
+    """Per layer: exact where its cost rows * C^3 is at most AUTO_EXACT_MAX_COST, and then the fast mode too,
+    keeping the lower layer error; the fast mode alone otherwise. A note (kind 'solver') says which and why."""
+    if H is None:
+        raise ValueError(f"{name}: the auto method needs the layer's Hessian")
+    g, r, c = mats.shape
+    cost = float(g) * r * float(c) ** 3
+    fast = "sparsegpt" if spec.prunes else "gptq"
+    value = dict(solver=None, cost=cost, threshold=AUTO_EXACT_MAX_COST)
+    exact_spec = dataclasses.replace(spec, method="exact", act_order=False)
+    if spec.block_size is not None:
+        out = _solve_exact(mats, H, exact_spec, name)
+        value["solver"] = "exact"
+        why = "exact: block sparsity has no fast mode"
+    elif cost > AUTO_EXACT_MAX_COST:
+        out = _solve_fast(mats, H, dataclasses.replace(spec, method=fast), name)
+        value["solver"] = fast
+        why = f"{fast}: exact cost rows*C^3 = {cost:.3g} > {AUTO_EXACT_MAX_COST:.3g}"
+    else:
+        ex = _solve_exact(mats, H, exact_spec, name)
+        fa = _solve_fast(mats, H, dataclasses.replace(spec, method=fast), name)
+        e_ex, e_fa = _layer_error(mats, ex[0], H), _layer_error(mats, fa[0], H)
+        keep = fast if e_fa < e_ex else "exact"
+        out = fa if keep == fast else ex
+        value.update(solver=keep, errors={"exact": e_ex, fast: e_fa})
+        why = (f"{keep}: layer error exact {e_ex:.3g} vs {fast} {e_fa:.3g} (both ran: exact cost rows*C^3 = "
+               f"{cost:.3g} <= {AUTO_EXACT_MAX_COST:.3g})")
+    new, grid, loss, notes, info = out
+    info = dict(info, solver=value["solver"])
+    return new, grid, loss, [Note("solver", why, value)] + notes, info
+
+
 assert set(SOLVERS) == set(METHODS), "every method of LayerSpec needs a registered solver"
 
 
@@ -265,7 +339,7 @@ def _fallbacks(problem: Problem, spec: LayerSpec) -> tuple[LayerSpec | None, lis
         if spec.bits is None:
             return None, [Note("left_dense", f"left dense: {why}")]
         notes.append(Note("not_pruned", f"not pruned: {why}"))
-        spec = dataclasses.replace(spec, method="rtn" if spec.method == "magnitude" else spec.method,
+        spec = dataclasses.replace(spec, method={"magnitude": "rtn", "sparsegpt": "gptq"}.get(spec.method, spec.method),
                                    sparsity=None, nm=None, block_size=None)
     if spec.group_size is not None and problem.group_check is not None:
         why = problem.group_check(spec.group_size)
@@ -364,4 +438,4 @@ def _result(problem: Problem, final: LayerSpec, notes: list[Note], new: np.ndarr
             num += a
             den += b
         err = float(num / den if den > 0 else 0.0)
-    return LayerResult(new, grid, final, loss, err, notes, solver=final.method, info=info)
+    return LayerResult(new, grid, final, loss, err, notes, solver=info.get("solver", final.method), info=info)

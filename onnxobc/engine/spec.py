@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-METHODS = ("exact", "magnitude", "rtn")
+METHODS = ("exact", "magnitude", "rtn", "gptq", "sparsegpt", "auto")
+# methods whose solve needs the layer's Hessian (the baselines are data-free)
+HESSIAN_METHODS = ("exact", "gptq", "sparsegpt", "auto")
 GRIDS = ("minmax", "mse")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -52,7 +54,11 @@ class LayerSpec:
     """
 
     method: str = _opt("exact", choices=METHODS,
-                       help="exact: ExactOBS/OBQ (default); magnitude / rtn: the baselines")
+                       help="exact: ExactOBS/OBQ (default); gptq / sparsegpt: the fast modes for large layers "
+                            "(fixed column order, lazy block updates; sparsegpt prunes with the mask chosen per "
+                            "block of 128 columns, and quantizes jointly with --bits); auto: per layer exact where "
+                            "it is cheap (keeping the better of exact and the fast mode), the fast mode otherwise; "
+                            "magnitude / rtn: the baselines")
     sparsity: float | None = _opt(None, type=float, metavar="S", help="fraction of weights to zero per layer, e.g. 0.5")
     nm: tuple[int, int] | None = _opt(None, type=str, metavar="N:M",
                                       help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")
@@ -69,6 +75,10 @@ class LayerSpec:
     damp: float = _opt(0.01, type=float, help="relative Hessian damping (default 0.01)")
     device: str = _opt("cpu", choices=DEVICES, help="engine device (cuda needs CuPy)")
     dtype: str = _opt("float32", choices=DTYPES, help="engine working precision")
+    act_order: bool = _opt(False, flag_action="store_true",
+                           help="with --method gptq or auto and --bits alone: quantize columns in order of "
+                                "decreasing Hessian diagonal (GPTQ's act-order); group-wise grids stay static "
+                                "(fitted on the original consecutive columns) so they remain exportable")
 
     def __post_init__(self) -> None:
         if self.nm is not None:
@@ -94,7 +104,8 @@ class LayerSpec:
         elif self.sparsity:
             parts.append(f"{self.sparsity:.0%}" + (f" b{self.block_size}" if self.block_size else ""))
         if self.bits:
-            parts.append(f"{self.bits}b" + ("-sym" if self.sym else "") + (f"/g{self.group_size}" if self.group_size else ""))
+            parts.append(f"{self.bits}b" + ("-sym" if self.sym else "") + (f"/g{self.group_size}" if self.group_size else "")
+                         + ("-act" if self.act_order else ""))
         return f"{self.method} " + "+".join(parts)
 
     def to_rule(self) -> dict:
@@ -150,6 +161,11 @@ def check_spec(s: LayerSpec) -> None:
             raise ValueError("--group-size sets the quantization grid's granularity: give --bits B too")
         if s.group_size < 2:
             raise ValueError(f"--group-size must be >= 2 (consecutive inputs per scale), got {s.group_size}")
+    if s.act_order:
+        if s.method not in ("gptq", "auto"):
+            raise ValueError(f"--act-order is an option of --method gptq or auto, not {s.method}")
+        if s.bits is None or s.sparsity is not None or s.nm is not None or s.block_size is not None:
+            raise ValueError("--act-order orders the columns of a quantization: give --bits B and no pruning option")
 
 
 def check_method(s: LayerSpec) -> None:
@@ -164,3 +180,9 @@ def check_method(s: LayerSpec) -> None:
         raise ValueError("--method rtn quantizes: give --bits B (use --method magnitude for pruning alone)")
     if s.method == "rtn" and s.block_size is not None:
         raise ValueError("--block-size is implemented by --method exact only")
+    if s.method == "gptq" and s.bits is None:
+        raise ValueError("--method gptq quantizes: give --bits B (use --method sparsegpt for pruning alone)")
+    if s.method == "sparsegpt" and not s.prunes:
+        raise ValueError("--method sparsegpt prunes: give --sparsity S or --nm N:M (use --method gptq for --bits alone)")
+    if s.method in ("gptq", "sparsegpt") and s.block_size is not None:
+        raise ValueError("--block-size is implemented by --method exact (and auto, which uses exact for it) only")
