@@ -429,10 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-bops", type=float, metavar="F",
                    help="bit operations (MACs x density x weight bits x activation bits; activations count as 8 "
                         "bits unless --act-bits says otherwise) at most F of dense 8-bit weights x 8-bit activations")
-    t.add_argument("--allocation-error", choices=["layer", "output"], default="layer",
-                   help="a variant's error: layer = its relative layer output error on the calibration data (free "
-                        "with the solve; default); output = the change of the model's outputs when only that layer "
-                        "is swapped in (sees which layers matter more; one extra model run per variant)")
+    t.add_argument("--allocation-error", choices=["layer", "output"], default="output",
+                   help="a variant's error: output = the change of the model's outputs when only that layer is "
+                        "swapped in (default: sees which layers matter more; one model run per variant on "
+                        "--allocation-samples samples); layer = its relative layer output error on the calibration "
+                        "data (free with the solve, but blind to how much a layer matters: on EfficientNet-Lite0 at "
+                        "2x fewer FLOPs it kept 0.12 top-1 agreement where output kept 0.62)")
     t.add_argument("--allocation-samples", type=int, default=32, metavar="N",
                    help="calibration samples for --allocation-error output (default 32)")
     t.add_argument("--database", metavar="DIR",

@@ -46,7 +46,7 @@ class CompressConfig(LayerSpec):
     cand_bits: tuple | None = None  # with a target: candidate bit widths (--bits 8,4,3)
     cand_sparsity: tuple | None = None  # with a target: candidate sparsities (--sparsity 0.5,0.7)
     database: str | None = None  # directory of the per-layer variant database (reused across targets)
-    allocation_error: str = "layer"  # a variant's error: 'layer' (relative layer output error) or 'output'
+    allocation_error: str = "output"  # a variant's error: 'output' (model output change, swap one layer) or 'layer'
     allocation_samples: int = 32  # calibration samples for --allocation-error output
     stats_correction: str = "none"  # after compression: 'none', 'mean' or 'affine' per output channel
     correction_samples: int = 128  # calibration samples the correction measures on
