@@ -314,6 +314,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- sweep ----------------------------------------------------------------------------------------------
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import CompressConfig
+    from .engine.spec import spec_fields
+    from .errors import UsageError
+    from .sweep import sweep, write
+
+    given = [(k, getattr(args, f"target_{k}")) for k in ("flops", "size", "bops") if getattr(args, f"target_{k}")]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --target-flops, --target-size, --target-bops (a comma-separated list)")
+    kind, text = given[0]
+    try:
+        targets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--target-{kind} {text!r}: expected comma-separated fractions such as 0.7,0.5") from None
+    per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}
+    cands = {}
+    for name in ("bits", "sparsity"):
+        if isinstance(per_layer[name], tuple):
+            cands[f"cand_{name}"] = per_layer[name]
+            per_layer[name] = None
+    cfg = CompressConfig(**per_layer, **cands, samples=args.samples, batch_size=args.batch_size,
+                         database=args.database, allocation_error=args.allocation_error,
+                         stats_correction=args.stats_correction, opset=args.opset, **{f"target_{kind}": targets[0]})
+    out = Path(args.out)  # checked before any work: an existing folder must accept files, a new one a parent that does
+    check_writable_outputs([out / "sweep.json" if out.is_dir() else out], force=True)
+    rows = sweep(args.model, args.calib, args.data, cfg, targets, labels=args.labels, uniform=not args.no_uniform,
+                 progress=_progress_factory(args.quiet), test_samples=args.test_samples)
+    files = write(rows, args.out, f"{Path(args.model).name}: {kind} budgets")
+    if not args.quiet:
+        print(Path(files[1]).read_text().strip())
+        print("wrote " + ", ".join(map(str, files)))
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------------------------------------
 
 BATCH_AXIS_HELP = ("the axis of input NAME that indexes samples, or NAME=none to pass it whole with every batch "
@@ -488,6 +524,35 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)
+
+    ps = sub.add_parser(
+        "sweep", parents=[common], help="compress at several budgets and compare with uniform compression",
+        description="Compress MODEL at every budget of ONE --target-* list (a shared variant database: the layers are "
+                    "solved once), and uniformly at the same budgets; evaluate each against the dense model on DATA "
+                    "and write sweep.md (table), sweep.json and sweep.png (with matplotlib: pip install onnxobc[plot]) "
+                    "to --out.",
+        epilog="example:\n  onnxobc sweep models/fmnist_cnn.onnx --calib models/fmnist_calib.npz "
+               "--data models/fmnist_test.npz --labels label --target-flops 0.7,0.5,0.33 --out sweep_fmnist",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ps.add_argument("model", help="path of the .onnx model (never modified)")
+    ps.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npz or a folder of them)")
+    ps.add_argument("--data", required=True, metavar="DATA", help="held-out evaluation data (.npz or a folder)")
+    ps.add_argument("--labels", metavar="KEY", help="label key in DATA: accuracy instead of top-1 agreement")
+    ps.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.md, sweep.json and sweep.png")
+    ps.add_argument("--samples", type=int, metavar="N", help="calibration samples (default: all)")
+    ps.add_argument("--test-samples", type=int, metavar="N", help="evaluation samples (default: all)")
+    ps.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (default 32)")
+    sg = ps.add_argument_group("budgets (one kind)")
+    for kind in ("flops", "size", "bops"):
+        sg.add_argument(f"--target-{kind}", metavar="F1,F2,...", help=f"{kind} budgets (fractions of dense)")
+    sg.add_argument("--no-uniform", action="store_true", help="skip the uniform rows")
+    sg.add_argument("--database", metavar="DIR", help="variant database (reused across runs)")
+    sg.add_argument("--allocation-error", choices=["layer", "output"], default="output")
+    sg.add_argument("--stats-correction", choices=["none", "mean", "affine"], default="none")
+    sg.add_argument("--opset", type=int, metavar="N", help="opset for low-bit QDQ storage (e.g. 21)")
+    _add_spec_arguments(ps.add_argument_group("per-layer options (candidates with comma-separated lists)"))
+    ps.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -190,3 +190,23 @@ def test_output_error_allocation_runs_and_is_cached(tmp_path):
     assert all("32" in e["output_error"] for e in index.values())
     b = compress(model, None, feeds, CompressConfig(**dict(cfg, target_flops=0.4))).allocation
     assert b["variants_solved"] == 0
+
+
+def test_sweep_command_writes_table_json_and_plot(tmp_path, capsys):
+    model = graphs.mixed_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "c.npz", **calib(model, 16))
+    np.savez(tmp_path / "t.npz", **calib(model, 12))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--calib", str(tmp_path / "c.npz"), "--data", str(tmp_path / "t.npz"),
+                 "--target-flops", "0.7,0.4", "--sparsity", "0.3,0.6,0.9", "--out", str(out)]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["kind"], r["fraction"]) for r in rows] == [("allocated", 0.7), ("uniform", 0.7), ("allocated", 0.4),
+                                                          ("uniform", 0.4)]
+    assert all(r["achieved"] <= r["fraction"] + 1e-6 for r in rows)
+    assert "| flops 0.4, allocated |" in (out / "sweep.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sweep", str(path), "--calib", str(tmp_path / "c.npz"), "--data", str(tmp_path / "t.npz"),
+                 "--out", str(out)]) == 2
