@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("flops", "size", "bops")
 LADDER = tuple(round(1.0 - 0.9 ** i, 6) for i in range(1, 45))  # densities 0.9^i: sparsity 0.1 ... 0.99
-SIZE_BITS = (8, 6, 4, 3, 2)
+SIZE_BITS = (8, 4)  # what QDQ storage distinguishes: 5..8-bit codes are int8, 2..4-bit codes int4
 BOPS_BITS = (8, 4)
 BOPS_REF_BITS = 8  # the reference: dense 8-bit weights and 8-bit activations
 
@@ -60,7 +60,8 @@ def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tup
     """The variants a layer is offered (besides staying as it is), from the run's options.
 
     flops: the sparsity ladder (``sparsities`` or densities 0.9^i), plus N:M when ``base.nm`` is set, each
-    quantized to ``base.bits`` when given; size: each of ``bits`` (default 8, 6, 4, 3, 2), pruned at
+    quantized to ``base.bits`` when given; size: each of ``bits`` (default 8 and 4: the storage holds 5..8-bit codes
+    in int8 and 2..4-bit codes in int4, so 3 bits costs what 4 bits does), pruned at
     ``sparsities`` too when given; bops: each of ``bits`` (default 8, 4) dense, N:M and at ``sparsities``."""
     plain = dataclasses.replace(base.spec(), sparsity=None, nm=None, block_size=None)
     out: list[LayerSpec] = []

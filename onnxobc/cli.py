@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "choose each layer's sparsity and/or bits (one exact trace per row gives every sparsity level) so that the "
         "selected layers' total cost meets ONE target, minimising the summed layer errors (a dynamic programme); every "
         "layer may also stay as it is. With a target, --bits and --sparsity take comma-separated candidates "
-        "(defaults: flops: densities 0.9^i, i = 1..44, and --nm adds N:M; size: bits 8,6,4,3,2; bops: bits 8,4 and "
+        "(defaults: flops: densities 0.9^i, i = 1..44, and --nm adds N:M; size: bits 8,4; bops: bits 8,4 and "
         "--nm). The chosen per-layer options are in the summary and in the report's plan (reusable with --plan)")
     t.add_argument("--target-flops", type=float, metavar="F",
                    help="keep at most F of the selected layers' dense MACs (e.g. 0.5: 2x fewer)")

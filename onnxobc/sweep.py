@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import CompressConfig
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SweepRow:
 
 
 def _uniform(kind: str, f: float, config: CompressConfig) -> tuple[str, dict] | None:
-    bits = sorted(config.cand_bits or ((config.bits,) if config.bits else (8, 6, 4, 3, 2)), reverse=True)
+    bits = sorted(config.cand_bits or ((config.bits,) if config.bits else (8, 4)), reverse=True)
     if kind == "flops":
         return f"uniform {1 - f:.0%}", dict(sparsity=round(1 - f, 4), bits=config.bits)
     if kind == "size":
@@ -71,7 +72,15 @@ def sweep(model: str | os.PathLike, calib: Any, data: Any, config: CompressConfi
 
     def one(kind_: str, label: str, cfg: CompressConfig, f: float) -> None:
         t = time.perf_counter()
-        res = compress(model, None, calib, cfg, progress=progress)
+        try:
+            res = compress(model, None, calib, cfg, progress=progress)
+        except UsageError as e:  # e.g. a budget below the cheapest candidates: a row that says so
+            if "out of reach" not in str(e):
+                raise
+            rows.append(SweepRow(kind_, kind, f, f"{label} (out of reach)", None, None, None, None,
+                                 time.perf_counter() - t))
+            log.warning("%s", e)
+            return
         ev = evaluate(model, res.extra["model"], data, labels=labels, max_samples=test_samples, latency_runs=0,
                       batch_axes=dict(cfg.batch_axes or ()))
         o = ev.outputs[0]
@@ -90,7 +99,8 @@ def sweep(model: str | os.PathLike, calib: Any, data: Any, config: CompressConfi
             base = {k: v for k, v in dataclasses.asdict(config).items()
                     if k not in ("target_flops", "target_size", "target_bops", "cand_bits", "cand_sparsity",
                                  "database", "plan", "sparsity", "nm", "bits", "qdq")}
-            base["qdq"] = config.qdq or opts.pop("qdq", False)
+            wants_qdq = opts.pop("qdq", False)
+            base["qdq"] = config.qdq or wants_qdq
             one("uniform", f"{kind} {f:g}, {label}", CompressConfig(**base, **opts), f)
     return rows
 
