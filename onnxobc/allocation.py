@@ -121,8 +121,13 @@ class OutputProbe:
         self.ref = [self.sess.run(None, {**f, **self.dense}) for f in self.feeds]
 
     def error(self, layer: Layer, weight: np.ndarray) -> float:
+        return self.error_many({layer.name: (layer, weight)})
+
+    def error_many(self, swaps: dict[str, tuple[Layer, np.ndarray]]) -> float:
+        """The output change with every layer of ``swaps`` ({name: (layer, weight)}) swapped at once."""
         swap = dict(self.dense)
-        swap[self.names[layer.name]] = np.ascontiguousarray(weight.astype(layer.weight.dtype))
+        for name, (layer, weight) in swaps.items():
+            swap[self.names[name]] = np.ascontiguousarray(weight.astype(layer.weight.dtype))
         num = den = 0.0
         for f, ref in zip(self.feeds, self.ref):
             for y, r in zip(self.sess.run(None, {**f, **swap}), ref):
@@ -315,6 +320,9 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
         costs = [[_cost_value(target, v.cost) for v in variants[l.name]] for l in layers]
         errors = [[v.error for v in variants[l.name]] for l in layers]
         picks = allocate(costs, errors, budget)
+        search = None
+        if picks is not None and config.allocation_search > 0:
+            picks, search = _search(model, layers, variants, costs, errors, budget, picks, db, calib, config, progress)
         if picks is None:
             cheapest = sum(min(c) for c in costs) / dense_total
             raise UsageError(f"--target-{target} {fraction:g} is out of reach: the cheapest allocation of these "
@@ -328,7 +336,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             if v.spec is not None:
                 results[l.name] = (db.get(v.key), 0.0)
         spent = sum(costs[i][p] for i, p in enumerate(picks))
-        report = dict(target=target, fraction=fraction, error=config.allocation_error, budget=budget, dense_total=dense_total, cost=spent,
+        report = dict(target=target, fraction=fraction, error=config.allocation_error, search=search, budget=budget, dense_total=dense_total, cost=spent,
                       achieved=spent / dense_total if dense_total else 0.0,
                       candidates={l.name: len(variants[l.name]) for l in layers},
                       database=None if db.tmp else str(db.dir), variants_reused=sum(len(v) - 1 for v in variants.values()) - db.misses, variants_solved=db.misses,
@@ -336,3 +344,42 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
         return chosen, results, macs, report
     finally:
         db.close()
+
+
+def _search(model, layers, variants, costs, errors, budget, picks, db, calib, config, progress):
+    """Refine the DP's allocation by the STITCHED model's output error (a SPDY-style search, sec. 5.4): the DP
+    assumes that single-swap errors add up; here per-layer multipliers of those errors are perturbed at random
+    around the best found (log-normal steps that shrink), the DP re-solved, and the allocation whose whole
+    compressed model changes the outputs least is kept. Each trial costs one DP and one model run on
+    ``config.allocation_samples`` samples. Deterministic (seeded)."""
+    probe = OutputProbe(model, layers, calib, config, config.allocation_samples)
+    cache: dict[str, np.ndarray] = {}
+    scores: dict[tuple, float] = {}
+
+    def weight(l: Layer, v: Variant) -> np.ndarray:
+        if v.key not in cache:
+            cache[v.key] = l.layout.from_matrices(db.get(v.key).mats.astype(l.weight.dtype), l.weight.shape)
+        return cache[v.key]
+
+    def score(p: list[int]) -> float:
+        key = tuple(p)
+        if key not in scores:
+            swaps = {l.name: (l, weight(l, variants[l.name][i])) for l, i in zip(layers, p)
+                     if variants[l.name][i].spec is not None}
+            scores[key] = probe.error_many(swaps)
+        return scores[key]
+
+    rng = np.random.default_rng(0)
+    best, best_m = list(picks), np.ones(len(layers))
+    start = best_score = score(best)
+    trials = config.allocation_search
+    for t in progress(range(trials), "allocation search", trials):
+        sigma = 0.5 * (1.0 - t / trials) + 0.05
+        m = best_m * np.exp(rng.normal(0.0, sigma, len(layers)))
+        p = allocate(costs, [[e * m[i] for e in row] for i, row in enumerate(errors)], budget)
+        if p is None:
+            continue
+        sc = score(p)
+        if sc < best_score:
+            best, best_m, best_score = p, m, sc
+    return best, dict(trials=trials, distinct=len(scores), start=start, best=best_score)

@@ -146,7 +146,8 @@ def _config_from_args(args: argparse.Namespace):
     return CompressConfig(
         **per_layer, **cands, target_flops=args.target_flops, target_size=args.target_size,
         target_bops=args.target_bops, database=args.database, allocation_error=args.allocation_error,
-        allocation_samples=args.allocation_samples, stats_correction=args.stats_correction,
+        allocation_samples=args.allocation_samples, allocation_search=args.allocation_search,
+        stats_correction=args.stats_correction,
         correction_samples=args.correction_samples, samples=args.samples, batch_size=args.batch_size,
         include=args.include, exclude=args.exclude,
         qdq=args.qdq or args.format == "qdq", matmulnbits=args.format == "matmulnbits",
@@ -473,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "2x fewer FLOPs it kept 0.12 top-1 agreement where output kept 0.62)")
     t.add_argument("--allocation-samples", type=int, default=32, metavar="N",
                    help="calibration samples for --allocation-error output (default 32)")
+    t.add_argument("--allocation-search", type=int, default=0, metavar="N",
+                   help="after the DP, N trials of a search that perturbs each layer's error weight and keeps the "
+                        "allocation whose whole compressed model changes the outputs least (one model run per trial "
+                        "on --allocation-samples samples; default 0: the DP alone)")
     t.add_argument("--database", metavar="DIR",
                    help="keep the per-layer compressed variants and their errors in DIR: another target on the same "
                         "model, data and options reuses them (no calibration, no solve)")

@@ -48,6 +48,7 @@ class CompressConfig(LayerSpec):
     database: str | None = None  # directory of the per-layer variant database (reused across targets)
     allocation_error: str = "output"  # a variant's error: 'output' (model output change, swap one layer) or 'layer'
     allocation_samples: int = 32  # calibration samples for --allocation-error output
+    allocation_search: int = 0  # trials of the stitched-model search around the DP (0: the DP alone)
     stats_correction: str = "none"  # after compression: 'none', 'mean' or 'affine' per output channel
     correction_samples: int = 128  # calibration samples the correction measures on
     batch_axes: tuple[tuple[str, int | None], ...] | None = None  # --batch-axis NAME=AXIS (None: pass whole)
@@ -85,6 +86,8 @@ class CompressConfig(LayerSpec):
             raise ValueError(f"--stats-correction must be none, mean or affine, got {self.stats_correction!r}")
         if self.correction_samples < 1:
             raise ValueError(f"--correction-samples must be >= 1, got {self.correction_samples}")
+        if self.allocation_search < 0:
+            raise ValueError(f"--allocation-search must be >= 0, got {self.allocation_search}")
         if self.allocation_samples < 1:
             raise ValueError(f"--allocation-samples must be >= 1, got {self.allocation_samples}")
         if self.target_size is not None and not self.matmulnbits:

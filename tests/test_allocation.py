@@ -210,3 +210,15 @@ def test_sweep_command_writes_table_json_and_plot(tmp_path, capsys):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["sweep", str(path), "--calib", str(tmp_path / "c.npz"), "--data", str(tmp_path / "t.npz"),
                  "--out", str(out)]) == 2
+
+
+def test_allocation_search_never_worse_than_the_dp_on_its_own_score():
+    model = graphs.mixed_cnn()
+    feeds = [calib(model, 16)]
+    res = compress(model, None, feeds, CompressConfig(target_flops=0.45, cand_sparsity=(0.2, 0.4, 0.6, 0.8),
+                                                      allocation_search=12))
+    s = res.allocation["search"]
+    assert s["trials"] == 12 and s["best"] <= s["start"] and s["distinct"] >= 1
+    assert res.allocation["cost"] <= res.allocation["budget"]
+    with pytest.raises(ValueError, match="allocation-search"):
+        CompressConfig(target_flops=0.5, allocation_search=-1)
