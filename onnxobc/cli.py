@@ -235,6 +235,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"zero{'' if None in macs else f', {_fmt_int(sum(macs))} MACs/sample'}), "
               f"{len(result.skipped)} skipped, {len(result.not_selected)} not selected{' or skipped by the plan' if cfg.plan else ''}; {result.samples} calibration samples"
               + (f" (padding masked by '{result.token_mask}')" if result.token_mask else ""))
+        if result.allocation:
+            a = result.allocation
+            print(f"allocation: --target-{a['target']} {a['fraction']:g} reached {a['achieved']:.3f} of the dense "
+                  f"{a['target']} ({a['error']} error; {a['variants_solved']} variants solved, {a['variants_reused']} "
+                  f"reused from the database; {len(result.not_selected)} layers left as they are)")
+        if result.correction:
+            notes = [c for c in result.correction if "note" in c]
+            print(f"statistics correction ({cfg.stats_correction}): {len(result.correction) - len(notes)} layers "
+                  f"corrected" + "".join(f"\n  {c['layer']}: {c['note']}" for c in notes))
         if result.cost and result.cost.get("bytes") is not None:
             c = result.cost
             line = (f"weights stored: {_fmt_bytes(c['bytes'])} of {_fmt_bytes(c['dense_bytes'])} in fp32 "
