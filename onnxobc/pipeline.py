@@ -147,7 +147,7 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
     layers, the skipped candidates, the selected layers and every layer's spec (None: left as it is)."""
     layers, skipped = find_layers(original)
     if not layers:
-        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv layer with a constant weight "
+        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv/ConvTranspose layer with a constant weight "
                          f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
     selected = select_layers(layers, config.include, config.exclude)
     if not selected:

@@ -20,7 +20,7 @@ from .adapters import OpLayout
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = ("Gemm", "MatMul", "Conv")
+LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 QUANTIZED_OPS = {
     "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits", "QGemm",
     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
@@ -292,6 +292,11 @@ def _consumer(ix: GraphIndex, idx: int, shapes: dict) -> tuple[Consumer | None, 
     elif node.op_type == "MatMul":
         act, w = node.input[0], node.input[1]
         layout = OpLayout("MatMul", {})
+    elif node.op_type == "ConvTranspose":
+        act, w = node.input[0], node.input[1]
+        layout = OpLayout("ConvTranspose", {k: a[k] for k in ("group", "strides", "dilations", "pads", "auto_pad",
+                                                              "kernel_shape", "output_padding", "output_shape")
+                                            if k in a})
     else:  # Conv
         act, w = node.input[0], node.input[1]
         layout = OpLayout("Conv", {k: a[k] for k in ("group", "strides", "dilations", "pads", "auto_pad", "kernel_shape") if k in a})
@@ -336,6 +341,8 @@ def _compatible(a: OpLayout, b: OpLayout) -> bool:
         return a.attrs.get("transB", 0) == b.attrs.get("transB", 0)
     if a.op == "Conv":
         return a.attrs.get("group", 1) == b.attrs.get("group", 1)
+    if a.op == "ConvTranspose":  # the same matrices, and the same output positions for an input size
+        return a.attrs == b.attrs
     return True
 
 
@@ -390,7 +397,7 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
                 skipped.append(Skipped(c.node_name, c.op, f"weight has non-float type {value.dtype}"))
             continue
         expected_rank = {"Gemm": 2, "MatMul": 2}.get(first.op)
-        if (expected_rank and value.ndim != expected_rank) or (first.op == "Conv" and value.ndim < 3):
+        if (expected_rank and value.ndim != expected_rank) or (first.op in ("Conv", "ConvTranspose") and value.ndim < 3):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"constant weight of rank {value.ndim} (batched weights are not supported)"))
             continue
@@ -416,6 +423,10 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         if first.op == "Conv" and (value.shape[0] % g):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"Conv output channels {value.shape[0]} not divisible by group {g}"))
+            continue
+        if first.op == "ConvTranspose" and (value.shape[0] % g):
+            for c in consumers:
+                skipped.append(Skipped(c.node_name, c.op, f"ConvTranspose input channels {value.shape[0]} not divisible by group {g}"))
             continue
         along = [source] + [ix.node(s.node_index).output[0] for s in chain[:-1]]
         exclusive = not chain or all(ix.use_count(t) == 1 for t in along)
