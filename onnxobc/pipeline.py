@@ -21,9 +21,10 @@ from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
 from .engine import LayerResult, LayerSpec, Problem, solve
 from .engine.spec import HESSIAN_METHODS
-from .errors import CalibrationError, UnsupportedModel, UsageError
+from .errors import CalibrationError, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
+from .graph.model_io import validate
 from .graph.model_io import model_file_bytes
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
@@ -134,10 +135,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not isinstance(model, onnx.ModelProto):
         return load_model(model)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise UnsupportedModel(f"the model is not a valid ONNX model: {str(e).strip().splitlines()[0]}") from e
+    validate(model, "the model")
     return model
 
 

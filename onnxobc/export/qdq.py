@@ -77,14 +77,16 @@ def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocke
         raise UsageError(f"--opset {opset} is lower than the model's opset {have}: onnxobc never lowers an opset")
     from onnx import version_converter
 
+    from ..graph.model_io import validate
+
     try:
         converted = version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
+        converted.ir_version = max(converted.ir_version, 10 if target >= 21 else converted.ir_version)
+        validate(converted, "the converted model")  # onnx.checker, or ONNX Runtime where the checker is stricter
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot convert the model from opset {have} to {target} ({msg}); convert it yourself or "
                          "use 8-bit weights") from e
-    converted.ir_version = max(converted.ir_version, 10 if target >= 21 else converted.ir_version)
     return converted
 
 
