@@ -115,6 +115,16 @@ class OpLayout:
         """Why an input of this shape cannot multiply the weight (None: it can)."""
         return None
 
+    @property
+    def weight_input(self) -> int:
+        """Which input of the node is the weight."""
+        return 1
+
+    @property
+    def hessian_free(self) -> bool:
+        """True for a lookup (Gather): no Hessian exists, calibration counts how often each row is selected."""
+        return False
+
     # ---- inputs -> columns (per op) --------------------------------------------------------------------
     def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
         """The node's input (one batch) -> columns, shape (groups, C, n_columns), float64 (the reference the
@@ -515,3 +525,54 @@ class ConvTransposeLayout(OpLayout):
             h += np.einsum("gcn,gdn->gcd", cols, cols)
             n += cols.shape[-1]
         return h, n
+
+
+@adapter("Gather")
+@dataclass(frozen=True)
+class GatherLayout(OpLayout):
+    """Gather(table [V, D], indices, axis=0) on a constant table: an embedding lookup.
+
+    No Hessian exists for a lookup: output row = table row, so the output error of a selected row is exactly its
+    weight error, and the layer's output error is sum_r count_r ||dW_r||^2 with count_r how often calibration
+    selects row r. Each row is one matrix row (rows = V, C = D); the count only weighs the rows against each
+    other, so each row's own grid (RTN / MSE fit) is the layer-wise optimum. QDQ stores per row (axis 0)."""
+
+    def matrix_shape(self, weight_shape):
+        return 1, int(weight_shape[0]), int(weight_shape[1])
+
+    def to_matrices(self, w):
+        return np.ascontiguousarray(w)[None]
+
+    def from_matrices(self, mats, weight_shape):
+        return np.ascontiguousarray(mats[0])
+
+    def out_axis(self):
+        return 0
+
+    def fan_in_axis(self):
+        return 1
+
+    def position_dims(self, output_shape):
+        return [0]  # a lookup does no multiply-accumulate
+
+    @property
+    def weight_input(self):
+        return 0
+
+    @property
+    def hessian_free(self):
+        return True
+
+    def input_problem(self, x_shape, weight_shape):
+        return None
+
+    def row_counts(self, indices: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """How often each table row is selected by ``indices`` (negative indices count from the end)."""
+        idx = np.asarray(indices)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise CalibrationError(f"Gather indices have type {idx.dtype}, expected integers")
+        v = int(weight_shape[0])
+        idx = idx.reshape(-1).astype(np.int64)
+        if idx.size and (idx.min() < -v or idx.max() >= v):
+            raise CalibrationError(f"Gather indices out of range [-{v}, {v}) for a table of {v} rows")
+        return np.bincount(np.where(idx < 0, idx + v, idx), minlength=v).astype(np.float64)
