@@ -143,3 +143,26 @@ def test_size_target_allocates_the_table_too():
     assert r.cost["bytes"] <= 0.3 * r.cost["dense_bytes"]
     ys = _run(r.extra["model"], feed)
     assert all(np.all(np.isfinite(y)) for y in ys)
+
+
+@pytest.mark.parametrize("cfg,dense", [(dict(block_size=4, sparsity=0.5), True),
+                                       (dict(block_size=4, sparsity=0.5, bits=4), False)])
+def test_block_sparsity_is_not_offered_for_a_table(cfg, dense):
+    m = _embed()
+    r = compress(m, None, [_feed(16)], CompressConfig(include="embed", **cfg))
+    (rep,) = r.layers
+    assert (rep.method == "dense") == dense
+    assert "block sparsity is not implemented for a lookup table" in rep.note
+    assert rep.sparsity < 0.2
+
+
+def test_row_counts_negative_and_out_of_range_indices():
+    from onnxobc.errors import CalibrationError
+    from onnxobc.graph.adapters import OpLayout
+
+    lay = OpLayout("Gather", {})
+    np.testing.assert_array_equal(lay.row_counts(np.array([[0, -1], [3, 3]], np.int32), (4, 2)), [1, 0, 0, 3])
+    with pytest.raises(CalibrationError, match="out of range"):
+        lay.row_counts(np.array([4]), (4, 2))
+    with pytest.raises(CalibrationError, match="integers"):
+        lay.row_counts(np.array([0.5]), (4, 2))

@@ -368,7 +368,15 @@ def solve_lookup(problem: Problem, spec: LayerSpec, counts: np.ndarray) -> Layer
     the spec's grid fit) is the layer-wise optimum whatever the counts, and pruning is by magnitude. The error
     reported is that count-weighted one, relative to sum_r counts[r] ||W_r||^2."""
     method = "rtn" if spec.bits is not None else "magnitude"
+    pre: list[Note] = []
+    if spec.block_size is not None:  # the baselines have no block patterns
+        why = "block sparsity is not implemented for a lookup table"
+        if spec.bits is None:
+            return _dense(problem, spec, [Note("left_dense", f"left dense: {why}")])
+        pre.append(Note("not_pruned", f"not pruned: {why}"))
+        spec = dataclasses.replace(spec, sparsity=None, block_size=None)
     res = solve(problem, dataclasses.replace(spec, method=method))
+    res.notes[:0] = pre
     counts = np.asarray(counts, dtype=np.float64)
     w = np.asarray(problem.mats[0], dtype=np.float64)
     d = np.asarray(res.mats[0], dtype=np.float64) - w
