@@ -31,7 +31,7 @@ import onnx
 from ._version import __version__
 from .engine.allocate import allocate
 from .engine.grid import Grid
-from .engine.solver import LayerResult, Note, Problem, solve_many
+from .engine.solver import LayerResult, Note, Problem, solve_lookup, solve_many
 from .engine.spec import LayerSpec
 from .errors import UsageError
 from .export.apply import ExportOptions, storage_format
@@ -110,7 +110,7 @@ class OutputProbe:
             m.graph.input.append(onnx.helper.make_tensor_value_info(
                 name, onnx.helper.np_dtype_to_tensor_dtype(l.weight.dtype), list(l.weight.shape)))
             for c in l.consumers:
-                m.graph.node[c.node_index].input[1] = name
+                m.graph.node[c.node_index].input[c.layout.weight_input] = name
             self.names[l.name] = name
         self.dense = {self.names[l.name]: np.ascontiguousarray(l.weight) for l in layers}
         so = ort.SessionOptions()
@@ -284,7 +284,9 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                 problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32), st.hessian(),
                                   l.layout.channels_last_perm(l.weight.shape),
                                   lambda gs, l=l: l.layout.group_size_problem(l.weight.shape, gs))
-                for s, res in zip(todo, solve_many(problem, todo)):
+                solved = ([solve_lookup(dataclasses.replace(problem, hessian=None), s, st.row_counts) for s in todo]
+                          if l.layout.hessian_free else solve_many(problem, todo))
+                for s, res in zip(todo, solved):
                     db.put(key(l, s), res, dict(layer=l.name, macs=macs[l.name], samples=samples))
                     db.misses += 1
             db.save()

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
 
     pi = sub.add_parser("inspect", parents=[common], help="list the compressible layers of a model",
-                        description="List every Gemm/MatMul/Conv with a constant weight (shape as rows x C, groups, "
+                        description="List every Gemm/MatMul/Conv/ConvTranspose with a constant weight (shape as rows x C, groups, "
                                     "parameters, MACs per sample) and every candidate that is skipped, with the reason.")
     pi.add_argument("model", help="path of the .onnx model")
     pi.add_argument("--json", action="store_true", help="print JSON instead of tables")

@@ -78,6 +78,9 @@ def _sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[_Site], li
         if len(layer.consumers) != 1:
             notes.append(dict(layer=layer.name, note="not corrected: the weight is shared by several nodes"))
             continue
+        if layer.op not in ("Gemm", "MatMul", "Conv"):
+            notes.append(dict(layer=layer.name, note=f"not corrected: statistics correction does not handle {layer.op}"))
+            continue
         c = layer.consumers[0]
         node = by_out.get(c.output_name)
         if node is None:

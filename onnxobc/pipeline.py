@@ -20,11 +20,12 @@ from .calibrate import collect_hessians, count_samples, find_token_mask, input_s
 from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
 from .engine import LayerResult, LayerSpec, Problem, solve
+from .engine.solver import solve_lookup
 from .engine.spec import HESSIAN_METHODS
-from .errors import CalibrationError, UnsupportedModel, UsageError
+from .errors import CalibrationError, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
-from .graph.model_io import model_file_bytes
+from .graph.model_io import model_file_bytes, validate
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
@@ -134,10 +135,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not isinstance(model, onnx.ModelProto):
         return load_model(model)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise UnsupportedModel(f"the model is not a valid ONNX model: {str(e).strip().splitlines()[0]}") from e
+    validate(model, "the model")
     return model
 
 
@@ -147,7 +145,7 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
     layers, the skipped candidates, the selected layers and every layer's spec (None: left as it is)."""
     layers, skipped = find_layers(original)
     if not layers:
-        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv layer with a constant weight "
+        raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv/ConvTranspose layer with a constant weight "
                          f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
     selected = select_layers(layers, config.include, config.exclude)
     if not selected:
@@ -283,11 +281,20 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
 
 def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
     """One layer through the engine: its matrices, Hessians and channels-last column order as a Problem."""
+    if layer.layout.hessian_free:
+        return _solve_lookup(layer, spec, st)
     H = st.hessian() if st.has_hessian and (spec.method in HESSIAN_METHODS or config.layer_error) else None
     problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
                       layer.layout.channels_last_perm(layer.weight.shape),
                       functools.partial(layer.layout.group_size_problem, layer.weight.shape))
     return solve(problem, spec)
+
+
+def _solve_lookup(layer: Layer, spec: LayerSpec, st) -> LayerResult:
+    """A lookup table (Gather): per-row grids, the error weighted by the calibration's row counts."""
+    problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), None, None,
+                      functools.partial(layer.layout.group_size_problem, layer.weight.shape))
+    return solve_lookup(problem, spec, st.row_counts if st.row_counts is not None else np.zeros(layer.rows))
 
 
 def _weight(layer: Layer, res: LayerResult) -> np.ndarray:
@@ -309,7 +316,7 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
                       config.act_bits)
     return LayerReport(
         name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
-        method="dense" if res.dense else config.spec_label(spec), sparsity=float(np.mean(w_new == 0)),
+        method="dense" if res.dense else config.spec_label(res.spec if layer.layout.hessian_free else spec), sparsity=float(np.mean(w_new == 0)),
         bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, note=res.note, written=written,
         notes=[asdict(n) for n in res.notes], cost=asdict(cost), solver=res.solver,
     )

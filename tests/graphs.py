@@ -717,6 +717,38 @@ def bert_like() -> onnx.ModelProto:
 
 
 # --------------------------------------------------------------------------
+# ConvTranspose (W [Cin, Cout/g, k...]; rows = Cout, C = Cin/g * prod(k))
+# --------------------------------------------------------------------------
+
+
+def _single_convtranspose(case, x_shape, w_shape, y_shape, seed, bias=True, **attrs) -> onnx.ModelProto:
+    g = attrs.get("group", 1)
+    inits = [_init("deconv.weight", _weights(seed, *w_shape))]
+    ins = ["X", "deconv.weight"]
+    if bias:
+        inits.append(_init("deconv.bias", _weights(seed + 1000, w_shape[1] * g, scale=0.1)))
+        ins.append("deconv.bias")
+    nodes = [_node("ConvTranspose", ins, ["Y"], "deconv", **attrs)]
+    return _model(case, nodes, [_vi("X", x_shape)], [_vi("Y", y_shape)], inits)
+
+
+def convtranspose2d_grouped() -> onnx.ModelProto:
+    """2-D, stride 2, output_padding 1, asymmetric pads, groups=2: Cin 4 -> Cout 6, 5x6 -> 11x13."""
+    return _single_convtranspose(
+        "convtranspose2d_grouped", ["N", 4, 5, 6], (4, 3, 3, 3), ["N", 6, 11, 13], 120,
+        kernel_shape=[3, 3], strides=[2, 2], output_padding=[1, 1], pads=[1, 0, 0, 1], group=2,
+    )
+
+
+def convtranspose1d() -> onnx.ModelProto:
+    """1-D, stride 3, dilation 2: Cin 5 -> Cout 4, length 7 -> 20."""
+    return _single_convtranspose(
+        "convtranspose1d", ["N", 5, 7], (5, 4, 3), ["N", 4, 20], 121, bias=False,
+        kernel_shape=[3], strides=[3], dilations=[2], pads=[1, 2],
+    )
+
+
+# --------------------------------------------------------------------------
 # registry and expectations
 # --------------------------------------------------------------------------
 
@@ -758,6 +790,8 @@ BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
         dynamic_weight,
         mixed_cnn,
         bert_like,
+        convtranspose2d_grouped,
+        convtranspose1d,
     ]
 }
 
@@ -833,6 +867,8 @@ EXPECTED: dict[str, dict] = {
         },
         skipped={"attn/scores/MatMul": "not constant", "attn/context/MatMul": "not constant"},
     ),
+    "convtranspose2d_grouped": _exp(layers={"deconv": ("ConvTranspose", 6, 18, 2)}),
+    "convtranspose1d": _exp(layers={"deconv": ("ConvTranspose", 4, 15, 1)}),
 }
 
 

@@ -40,6 +40,7 @@ class LayerStats:
     xtx: np.ndarray  # (groups, C, C) float64, sum over columns of x x^T
     columns: int = 0  # columns seen (samples x positions)
     samples: int = 0
+    row_counts: np.ndarray | None = None  # lookups (Gather): how often calibration selected each table row
 
     def hessian(self) -> np.ndarray:
         """H = 2 X X^T / n_samples, one C x C matrix per group."""
@@ -284,8 +285,11 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     wanted += [t for ob in observers for t in ob.tensors]
     aug, fetch = augment(model, wanted)
     stats = {
-        layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols) if hessians else (layer.groups, 0, 0),
-                                        dtype=np.float64)) for layer in layers
+        layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
+                                        if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
+                                        dtype=np.float64),
+                               row_counts=np.zeros(layer.rows) if layer.layout.hessian_free else None)
+        for layer in layers
     }
     prof: dict = profile if profile is not None else {}
     source = iter(batches)
@@ -343,6 +347,11 @@ def _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kind
                 why = c.layout.input_problem(x.shape, layer.weight.shape)
                 if why:
                     raise CalibrationError(f"{c.node_name}: {why}")
+                if c.layout.hessian_free:  # a lookup: count the rows selected (real tokens only, with a mask)
+                    if mask is not None and x.shape == mask.shape:
+                        x = x[mask]
+                    st.row_counts += c.layout.row_counts(x, layer.weight.shape)
+                    continue
                 if not hessians:
                     st.columns += (len(x) if c.layout.rows_are_samples else x.shape[-1]) * \
                         c.layout.positions_per_sample(x.shape, layer.weight.shape)

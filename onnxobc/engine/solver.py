@@ -26,7 +26,7 @@ from .obs import global_prune, global_prune_levels, prune_blocks, prune_nm, prun
 from .result import EngineResult
 from .spec import METHODS, LayerSpec, check_method
 
-__all__ = ["Problem", "LayerResult", "Note", "SOLVERS", "register_solver", "solve", "compress_weight",
+__all__ = ["Problem", "LayerResult", "Note", "SOLVERS", "register_solver", "solve", "solve_lookup", "compress_weight",
            "compress_groups", "solve_many"]
 
 
@@ -131,7 +131,7 @@ def compress_groups(ws: Any, Hs: Any, *, sparsity: float | None = None, nm: tupl
 class Note:
     """Something the report should say about a layer: ``kind`` for programs, ``text`` for people."""
 
-    kind: str  # 'left_dense' | 'not_pruned' | 'per_channel_grid' | 'damp_raised' | 'solver' (auto's choice)
+    kind: str  # 'left_dense' | 'not_pruned' | 'per_channel_grid' | 'damp_raised' | 'solver' (auto's choice) | 'lookup'
     text: str
     value: Any = None
 
@@ -360,6 +360,32 @@ def solve(problem: Problem, spec: LayerSpec) -> LayerResult:
     work, Hw = _permuted(problem, perm)
     new, grid, loss, more, info = SOLVERS[final.method](work, Hw, final, problem.name)
     return _result(problem, final, notes + more, new, grid, loss, info, perm)
+
+
+def solve_lookup(problem: Problem, spec: LayerSpec, counts: np.ndarray) -> LayerResult:
+    """A lookup table (one matrix, a row per entry; Gather): no Hessian exists. The output error is
+    sum_r counts[r] ||dW_r||^2 (counts: how often calibration selected row r), so each row's own grid (RTN with
+    the spec's grid fit) is the layer-wise optimum whatever the counts, and pruning is by magnitude. The error
+    reported is that count-weighted one, relative to sum_r counts[r] ||W_r||^2."""
+    method = "rtn" if spec.bits is not None else "magnitude"
+    pre: list[Note] = []
+    if spec.block_size is not None:  # the baselines have no block patterns
+        why = "block sparsity is not implemented for a lookup table"
+        if spec.bits is None:
+            return _dense(problem, spec, [Note("left_dense", f"left dense: {why}")])
+        pre.append(Note("not_pruned", f"not pruned: {why}"))
+        spec = dataclasses.replace(spec, sparsity=None, block_size=None)
+    res = solve(problem, dataclasses.replace(spec, method=method))
+    res.notes[:0] = pre
+    counts = np.asarray(counts, dtype=np.float64)
+    w = np.asarray(problem.mats[0], dtype=np.float64)
+    d = np.asarray(res.mats[0], dtype=np.float64) - w
+    base = float(counts @ np.sum(w * w, axis=1))
+    res.error = float(counts @ np.sum(d * d, axis=1)) / base if base > 0 else None
+    seen = int(np.count_nonzero(counts))
+    res.notes.insert(0, Note("lookup", f"lookup table: {method} per row (no Hessian for a Gather); "
+                                       f"{seen} of {len(w)} rows selected in calibration weigh the error", seen))
+    return res
 
 
 def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:

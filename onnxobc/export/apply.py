@@ -74,8 +74,7 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
             written[layer.name] = "MatMulNBits " + replace_with_matmulnbits(edit, layer, w_new, grid,
                                                                            accuracy_level=opts.accuracy_level)
         elif fmt == "qdq":
-            add_qdq_weight(edit, layer, w_new, grid)
-            written[layer.name] = f"QDQ {edit.front[-1].input[0]}"
+            written[layer.name] = f"QDQ {add_qdq_weight(edit, layer, w_new, grid)}"
         else:
             written[layer.name] = write_back(edit, layer, w_new)
     edit.finish()

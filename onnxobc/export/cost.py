@@ -17,7 +17,7 @@ import onnx
 from ..engine.spec import LayerSpec
 from ..graph.layers import Layer
 from .matmulnbits import nbits_block_size
-from .qdq import storage_bits
+from .qdq import qdq_pieces, storage_bits
 
 FLOAT_BITS = 32
 
@@ -57,7 +57,8 @@ def weight_bytes(layer: Layer, spec: LayerSpec | None, storage: str) -> int:
         return n * nb * bs // 2 + n * nb * scale_item + n * (-(-nb // 2))
     rows = layer.groups * layer.rows
     nparams = rows if gs is None else rows * math.ceil(layer.cols / gs)
-    return _packed(int(w.size), bits) + nparams * scale_item + _packed(nparams, bits)
+    k = qdq_pieces(layer)  # DequantizeLinear nodes, each with its own (packed) tensors
+    return k * (_packed(int(w.size) // k, bits) + nparams // k * scale_item + _packed(nparams // k, bits))
 
 
 def layer_cost(layer: Layer, spec: LayerSpec | None, storage: str, macs: int | None,

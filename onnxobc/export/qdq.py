@@ -77,14 +77,16 @@ def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocke
         raise UsageError(f"--opset {opset} is lower than the model's opset {have}: onnxobc never lowers an opset")
     from onnx import version_converter
 
+    from ..graph.model_io import validate
+
     try:
         converted = version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
+        converted.ir_version = max(converted.ir_version, 10 if target >= 21 else converted.ir_version)
+        validate(converted, "the converted model")  # onnx.checker, or ONNX Runtime where the checker is stricter
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot convert the model from opset {have} to {target} ({msg}); convert it yourself or "
                          "use 8-bit weights") from e
-    converted.ir_version = max(converted.ir_version, 10 if target >= 21 else converted.ir_version)
     return converted
 
 
@@ -193,24 +195,21 @@ def _tensor(name: str, values: np.ndarray, et: int) -> TensorProto:
     return numpy_helper.from_array(values, name)
 
 
-def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: LayerGrid) -> str:
-    """Replace ``layer``'s weight by integer codes -> DequantizeLinear (per output channel, or blocked along
-    the fan-in axis for a group-wise grid: the model must then have opset >= 21, see :func:`ensure_opset`).
+def qdq_pieces(layer: Layer) -> int:
+    """How many DequantizeLinear nodes store ``layer``'s weight: 1, or its groups when the output-channel axis
+    holds only one group's channels (ConvTranspose W [Cin, Cout/g, k...]: each group's slice along the fan-in
+    axis gets its own per-channel DequantizeLinear, and a Concat joins them)."""
+    if layer.groups > 1 and int(layer.weight.shape[layer.layout.out_axis()]) != layer.groups * layer.rows:
+        return layer.groups
+    return 1
 
-    ``weight`` is the new weight as the consumers see it and ``grid`` its :class:`LayerGrid` (engine layout:
-    rows = output channels; group-wise grids with the engine's, for Conv channels-last, column order).
-    The consumers are rewired to the DequantizeLinear output (a node waiting in ``edit.front``) and the old
-    weight and its chain are retired. Returns the name of the integer codes.
-    """
-    model, fresh = edit.model, edit.fresh
+
+def _dq_piece(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: LayerGrid, base: str) -> tuple[str, str]:
+    """Integer codes + scale + zero point -> DequantizeLinear (waiting in ``edit.front``) for ``weight``;
+    returns (codes name, DequantizeLinear output)."""
+    fresh = edit.fresh
     axis = layer.layout.out_axis()
     if grid.group_size is not None:
-        why = group_size_problem(layer, grid.group_size)
-        if why:
-            raise UsageError(f"{layer.name}: {why}")
-        if main_opset(model) < 21:
-            raise UsageError(f"{layer.name}: group-wise QDQ weights need opset >= 21 (blocked DequantizeLinear), the "
-                             f"model has opset {main_opset(model)}: convert it first (ensure_opset(..., blocked=True))")
         block_axis = layer.layout.fan_in_axis()
         codes, zps, et = codes_for(weight, grid, axis, block_axis)
         scale = blocked_params(weight.shape, grid, axis, block_axis)[0]
@@ -219,7 +218,6 @@ def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: Laye
         codes, zps, et = codes_for(weight, grid, axis)
         scale = grid.scale
         attrs = dict(axis=axis)
-    base = layer.weight_name
     qn, sn, zn = fresh(f"{base}_quantized"), fresh(f"{base}_scale"), fresh(f"{base}_zero_point")
     out, node_name = fresh(f"{base}_dequantized"), fresh(f"{base}_DequantizeLinear")
     edit.add_initializers([
@@ -227,8 +225,41 @@ def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: Laye
         numpy_helper.from_array(np.asarray(scale).astype(weight.dtype), sn),
         _tensor(zn, zps, et),
     ])
-    dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, **attrs)
+    edit.add_front(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=node_name, **attrs))
+    return qn, out
+
+
+def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: LayerGrid) -> str:
+    """Replace ``layer``'s weight by integer codes -> DequantizeLinear (per output channel, or blocked along
+    the fan-in axis for a group-wise grid: the model must then have opset >= 21, see :func:`ensure_opset`).
+
+    ``weight`` is the new weight as the consumers see it and ``grid`` its :class:`LayerGrid` (engine layout:
+    rows = output channels; group-wise grids with the engine's, for Conv channels-last, column order).
+    The consumers are rewired to the DequantizeLinear output (a node waiting in ``edit.front``) and the old
+    weight and its chain are retired. A grouped ConvTranspose gets one DequantizeLinear per group and a Concat
+    (:func:`qdq_pieces`). Returns the name of the (first) integer codes.
+    """
+    model = edit.model
+    if grid.group_size is not None:
+        why = group_size_problem(layer, grid.group_size)
+        if why:
+            raise UsageError(f"{layer.name}: {why}")
+        if main_opset(model) < 21:
+            raise UsageError(f"{layer.name}: group-wise QDQ weights need opset >= 21 (blocked DequantizeLinear), the "
+                             f"model has opset {main_opset(model)}: convert it first (ensure_opset(..., blocked=True))")
+    base = layer.weight_name
+    pieces = qdq_pieces(layer)
+    if pieces == 1:
+        qn, out = _dq_piece(edit, layer, weight, grid, base)
+    else:
+        split = layer.layout.fan_in_axis()
+        parts = np.split(weight, pieces, axis=split)
+        names = [_dq_piece(edit, layer, part, grid.rows(slice(j * layer.rows, (j + 1) * layer.rows)), f"{base}_g{j}")
+                 for j, part in enumerate(parts)]
+        qn = names[0][0]
+        out = edit.fresh(f"{base}_dequantized")
+        edit.add_front(helper.make_node("Concat", [o for _, o in names], [out], name=edit.fresh(f"{base}_Concat"),
+                                        axis=split))
     edit.rewire(layer, out)
     edit.retire(layer)
-    edit.add_front(dq)
     return qn

@@ -69,7 +69,7 @@ class GraphEdit:
     def rewire(self, layer: Layer, name: str) -> None:
         """Every consumer of ``layer`` reads its weight from tensor ``name``."""
         for c in layer.consumers:
-            self.node(c.node_index).input[1] = name
+            self.node(c.node_index).input[c.layout.weight_input] = name
 
     def replace_node(self, index: int, node: onnx.NodeProto) -> None:
         self.node(index).CopyFrom(node)

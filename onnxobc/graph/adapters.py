@@ -115,6 +115,16 @@ class OpLayout:
         """Why an input of this shape cannot multiply the weight (None: it can)."""
         return None
 
+    @property
+    def weight_input(self) -> int:
+        """Which input of the node is the weight."""
+        return 1
+
+    @property
+    def hessian_free(self) -> bool:
+        """True for a lookup (Gather): no Hessian exists, calibration counts how often each row is selected."""
+        return False
+
     # ---- inputs -> columns (per op) --------------------------------------------------------------------
     def unfold(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
         """The node's input (one batch) -> columns, shape (groups, C, n_columns), float64 (the reference the
@@ -357,3 +367,212 @@ class ConvLayout(OpLayout):
             cols[:, :, t] = xp[(slice(None), slice(None)) + sl]
         # (b, g, cin/g * ksize, L): Cin outermost then kernel taps, like the weight
         return cols.reshape(b, g, (cin // g) * ksize, -1)
+
+
+@adapter("ConvTranspose")
+@dataclass(frozen=True)
+class ConvTransposeLayout(OpLayout):
+    """ConvTranspose with W [Cin, Cout/g, k...]: g groups of (Cout/g) x (Cin/g * prod(k)) matrices.
+
+    ConvTranspose is the adjoint of a Conv: input pixel ``i`` of channel ``ci`` (group j) adds
+    ``x[ci, i] * W[ci, o, t]`` to output position ``p = i * stride + t * dilation - pad_begin`` of output channel
+    ``j * Cout/g + o``. So output row o of group j, at position p, is the weight row W[j-th Cin/g block, o, :]
+    (Cin/g outermost, then taps, as stored) times the column X[(ci, t), p] = x[ci, (p + pad_begin - t * dil) /
+    stride] where that is an integer input position, else 0 (:meth:`unfold`). Its Hessian is the Gram of those
+    columns over every output position (output_padding positions included: their columns are zero)."""
+
+    def groups(self, weight_shape):
+        return int(self.attrs.get("group", 1))
+
+    def matrix_shape(self, weight_shape):
+        g = self.groups(weight_shape)
+        return g, int(weight_shape[1]), int(weight_shape[0] // g * np.prod(weight_shape[2:]))
+
+    def to_matrices(self, w):
+        g = self.groups(w.shape)
+        cin_g, cout_g = w.shape[0] // g, w.shape[1]
+        k = int(np.prod(w.shape[2:]))
+        m = w.reshape(g, cin_g, cout_g, k).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(m.reshape(g, cout_g, cin_g * k))
+
+    def from_matrices(self, mats, weight_shape):
+        g = self.groups(weight_shape)
+        cin_g, cout_g = weight_shape[0] // g, weight_shape[1]
+        k = int(np.prod(weight_shape[2:]))
+        w = np.asarray(mats).reshape(g, cout_g, cin_g, k).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(w.reshape(weight_shape))
+
+    def channels_last_perm(self, weight_shape):
+        cin_g = int(weight_shape[0]) // self.groups(weight_shape)
+        ksize = int(np.prod(weight_shape[2:]))
+        if ksize == 1:
+            return None
+        return np.arange(cin_g * ksize).reshape(cin_g, ksize).T.reshape(-1)
+
+    def out_axis(self):
+        return 1
+
+    def fan_in_axis(self):
+        return 0
+
+    def group_size_problem(self, weight_shape, group_size):
+        why = super().group_size_problem(weight_shape, group_size)
+        if why:
+            return why
+        cin_g = int(weight_shape[0]) // self.groups(weight_shape)
+        taps = int(np.prod(weight_shape[2:]))
+        if taps > 1 and cin_g % group_size:
+            return (f"group_size {group_size} does not divide the {cin_g} input channels per group of this "
+                    f"{'x'.join(str(k) for k in weight_shape[2:])} ConvTranspose (a block cannot straddle kernel taps)")
+        return None
+
+    def position_dims(self, output_shape):
+        """Each input pixel multiplies the whole kernel once: the input positions are about the output's
+        divided by the strides (ceil; exact without padding and output_padding)."""
+        dims = list(output_shape[2:])
+        strides = list(self.attrs.get("strides") or [1] * len(dims))
+        return [-(-d // s) if isinstance(d, int) else d for d, s in zip(dims, strides)]
+
+    @property
+    def channel_axis(self):
+        return 1
+
+    @property
+    def token_inputs(self):
+        return False
+
+    def geometry(self, spatial_in, kernel):
+        """(pads_begin, strides, dilations, output spatial size), auto_pad and output_shape resolved as the
+        ONNX spec says."""
+        nd = len(kernel)
+        strides = list(self.attrs.get("strides") or [1] * nd)
+        dil = list(self.attrs.get("dilations") or [1] * nd)
+        opad = list(self.attrs.get("output_padding") or [0] * nd)
+        auto_pad = self.attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        full = [strides[i] * (spatial_in[i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
+        out_shape = list(self.attrs.get("output_shape") or [])
+        if len(out_shape) > nd:
+            out_shape = out_shape[-nd:]
+        if not out_shape and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out_shape = [spatial_in[i] * strides[i] for i in range(nd)]
+        if out_shape:
+            begin = []
+            for i in range(nd):
+                total = full[i] - out_shape[i]
+                begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+            return begin, strides, dil, [int(o) for o in out_shape]
+        if auto_pad == "VALID":
+            pads = [0] * (2 * nd)
+        else:
+            pads = list(self.attrs.get("pads") or [0] * (2 * nd))
+        return pads[:nd], strides, dil, [full[i] - pads[i] - pads[nd + i] for i in range(nd)]
+
+    def input_problem(self, x_shape, weight_shape):
+        if len(x_shape) != len(weight_shape):
+            return f"input has rank {len(x_shape)}, expected {len(weight_shape)} for this ConvTranspose"
+        if x_shape[1] != weight_shape[0]:
+            return f"input has {x_shape[1]} channels, the weight expects {weight_shape[0]}"
+        return None
+
+    def positions_per_sample(self, x_shape, weight_shape):
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        return int(np.prod(self.geometry(tuple(x_shape[2:]), kernel)[3]))
+
+    def unfold_samples(self, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """Columns per sample: (batch, groups, Cin/g * prod(k), output positions), float64."""
+        g = self.groups(weight_shape)
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        nd = len(kernel)
+        if x.ndim != nd + 2:
+            raise CalibrationError(f"ConvTranspose input has rank {x.ndim}, expected {nd + 2} for a {nd}-D kernel")
+        b, cin = x.shape[:2]
+        spatial = x.shape[2:]
+        begin, strides, dil, out = self.geometry(spatial, kernel)
+        if min(out) <= 0:
+            raise CalibrationError(f"ConvTranspose output would be empty for input spatial size {spatial}")
+        ksize = math.prod(kernel)
+        x = np.asarray(x, dtype=np.float64)
+        cols = np.zeros((b, cin, ksize) + tuple(out), dtype=np.float64)
+        for t, offs in enumerate(itertools.product(*[range(k) for k in kernel])):
+            src, dst = [], []
+            for i in range(nd):
+                shift = offs[i] * dil[i] - begin[i]  # output position of input pixel 0 at this tap
+                lo = max(0, -(-(-shift) // strides[i]))  # first input pixel landing at p >= 0
+                hi = min(spatial[i] - 1, (out[i] - 1 - shift) // strides[i])  # last landing at p < out
+                if hi < lo:
+                    break
+                src.append(slice(lo, hi + 1))
+                start = lo * strides[i] + shift
+                dst.append(slice(start, start + (hi - lo) * strides[i] + 1, strides[i]))
+            else:
+                cols[(slice(None), slice(None), t) + tuple(dst)] = x[(slice(None), slice(None)) + tuple(src)]
+        return cols.reshape(b, g, (cin // g) * ksize, -1)
+
+    def unfold(self, x, weight_shape):
+        cols = self.unfold_samples(x, weight_shape)
+        b, g, c, n = cols.shape
+        return cols.transpose(1, 2, 0, 3).reshape(g, c, b * n)
+
+    def gram(self, x, weight_shape, *, dtype=None):
+        """Explicit unfold, one sample at a time, products in float64."""
+        g, _, c = self.matrix_shape(weight_shape)
+        h = np.zeros((g, c, c), dtype=np.float64)
+        n = 0
+        for s in range(len(x)):
+            cols = self.unfold_samples(x[s:s + 1], weight_shape)[0]
+            h += np.einsum("gcn,gdn->gcd", cols, cols)
+            n += cols.shape[-1]
+        return h, n
+
+
+@adapter("Gather")
+@dataclass(frozen=True)
+class GatherLayout(OpLayout):
+    """Gather(table [V, D], indices, axis=0) on a constant table: an embedding lookup.
+
+    No Hessian exists for a lookup: output row = table row, so the output error of a selected row is exactly its
+    weight error, and the layer's output error is sum_r count_r ||dW_r||^2 with count_r how often calibration
+    selects row r. Each row is one matrix row (rows = V, C = D); the count only weighs the rows against each
+    other, so each row's own grid (RTN / MSE fit) is the layer-wise optimum. QDQ stores per row (axis 0)."""
+
+    def matrix_shape(self, weight_shape):
+        return 1, int(weight_shape[0]), int(weight_shape[1])
+
+    def to_matrices(self, w):
+        return np.ascontiguousarray(w)[None]
+
+    def from_matrices(self, mats, weight_shape):
+        return np.ascontiguousarray(mats[0])
+
+    def out_axis(self):
+        return 0
+
+    def fan_in_axis(self):
+        return 1
+
+    def position_dims(self, output_shape):
+        return [0]  # a lookup does no multiply-accumulate
+
+    @property
+    def weight_input(self):
+        return 0
+
+    @property
+    def hessian_free(self):
+        return True
+
+    def input_problem(self, x_shape, weight_shape):
+        return None
+
+    def row_counts(self, indices: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """How often each table row is selected by ``indices`` (negative indices count from the end)."""
+        idx = np.asarray(indices)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise CalibrationError(f"Gather indices have type {idx.dtype}, expected integers")
+        v = int(weight_shape[0])
+        idx = idx.reshape(-1).astype(np.int64)
+        if idx.size and (idx.min() < -v or idx.max() >= v):
+            raise CalibrationError(f"Gather indices out of range [-{v}, {v}) for a table of {v} rows")
+        return np.bincount(np.where(idx < 0, idx + v, idx), minlength=v).astype(np.float64)

@@ -20,13 +20,14 @@ from .adapters import OpLayout
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = ("Gemm", "MatMul", "Conv")
+LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 QUANTIZED_OPS = {
     "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits", "QGemm",
     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
 }
 CHAIN_OPS = ("Identity", "Transpose", "Reshape", "Cast")
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
+LOOKUP_OPS = ("Gather",)  # a constant 2-D float table read by row (embeddings); other Gathers are not candidates
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
@@ -283,6 +284,11 @@ def _consumer(ix: GraphIndex, idx: int, shapes: dict) -> tuple[Consumer | None, 
     node = ix.node(idx)
     name = _node_name(node, idx)
     a = _attrs(node)
+    if node.op_type == "Gather":
+        if a.get("axis", 0) != 0:
+            return None, None, f"Gather along axis {a.get('axis')} (only row lookups, axis 0, are compressed)"
+        return Consumer(name, idx, "Gather", node.input[1], OpLayout("Gather", {}), node.output[0],
+                        shapes.get(node.output[0])), node.input[0], None
     if node.op_type == "Gemm":
         if len(node.input) < 2:
             return None, None, "malformed Gemm"
@@ -292,6 +298,11 @@ def _consumer(ix: GraphIndex, idx: int, shapes: dict) -> tuple[Consumer | None, 
     elif node.op_type == "MatMul":
         act, w = node.input[0], node.input[1]
         layout = OpLayout("MatMul", {})
+    elif node.op_type == "ConvTranspose":
+        act, w = node.input[0], node.input[1]
+        layout = OpLayout("ConvTranspose", {k: a[k] for k in ("group", "strides", "dilations", "pads", "auto_pad",
+                                                              "kernel_shape", "output_padding", "output_shape")
+                                            if k in a})
     else:  # Conv
         act, w = node.input[0], node.input[1]
         layout = OpLayout("Conv", {k: a[k] for k in ("group", "strides", "dilations", "pads", "auto_pad", "kernel_shape") if k in a})
@@ -336,6 +347,8 @@ def _compatible(a: OpLayout, b: OpLayout) -> bool:
         return a.attrs.get("transB", 0) == b.attrs.get("transB", 0)
     if a.op == "Conv":
         return a.attrs.get("group", 1) == b.attrs.get("group", 1)
+    if a.op == "ConvTranspose":  # the same matrices, and the same output positions for an input size
+        return a.attrs == b.attrs
     return True
 
 
@@ -358,7 +371,16 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
                     if sub.op_type in LAYER_OPS:
                         skipped.append(Skipped(sub.name or sub.op_type, sub.op_type, f"inside a subgraph of {node.op_type} '{name}'"))
             continue
-        if node.op_type not in LAYER_OPS or (node.domain not in ("", "ai.onnx")):
+        if node.op_type in LOOKUP_OPS and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+            table = ix.constant_value(node.input[0]) if node.input[0] not in ix.graph_inputs else None
+            if table is None:
+                try:
+                    table = _resolve_weight(ix, node.input[0])[3]
+                except _Unresolved:
+                    continue  # a Gather on computed data (shapes, activations): not a candidate
+            if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating) or table.size < 2:
+                continue
+        elif node.op_type not in LAYER_OPS or (node.domain not in ("", "ai.onnx")):
             continue
         cons, wname, reason = _consumer(ix, idx, shapes)
         if cons is None:
@@ -389,8 +411,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"weight has non-float type {value.dtype}"))
             continue
-        expected_rank = {"Gemm": 2, "MatMul": 2}.get(first.op)
-        if (expected_rank and value.ndim != expected_rank) or (first.op == "Conv" and value.ndim < 3):
+        expected_rank = {"Gemm": 2, "MatMul": 2, "Gather": 2}.get(first.op)
+        if (expected_rank and value.ndim != expected_rank) or (first.op in ("Conv", "ConvTranspose") and value.ndim < 3):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"constant weight of rank {value.ndim} (batched weights are not supported)"))
             continue
@@ -398,15 +420,16 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         other = []
         for uidx, k in ix.users.get(wname, []):
             un = ix.node(uidx)
-            if not any(c.node_index == uidx for c in consumers) or k != 1:
+            if not any(c.node_index == uidx for c in consumers) or k != first.layout.weight_input:
                 other.append(f"{un.op_type} '{_node_name(un, uidx)}'")
         if ix.subgraph_users.get(wname):
             other.append("a subgraph")
         if wname in ix.graph_outputs:
             other.append("a graph output")
         if other:
+            tied = " (tied embedding: a table also read as a weight is left as it is)" if first.op == "Gather" else ""
             for c in consumers:
-                skipped.append(Skipped(c.node_name, c.op, f"weight '{wname}' is also used by {', '.join(other)}"))
+                skipped.append(Skipped(c.node_name, c.op, f"weight '{wname}' is also used by {', '.join(other)}{tied}"))
             continue
         if any(not _compatible(first.layout, c.layout) for c in consumers[1:]):
             for c in consumers:
@@ -416,6 +439,10 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         if first.op == "Conv" and (value.shape[0] % g):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"Conv output channels {value.shape[0]} not divisible by group {g}"))
+            continue
+        if first.op == "ConvTranspose" and (value.shape[0] % g):
+            for c in consumers:
+                skipped.append(Skipped(c.node_name, c.op, f"ConvTranspose input channels {value.shape[0]} not divisible by group {g}"))
             continue
         along = [source] + [ix.node(s.node_index).output[0] for s in chain[:-1]]
         exclusive = not chain or all(ix.use_count(t) == 1 for t in along)

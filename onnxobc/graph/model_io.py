@@ -31,12 +31,45 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         ) from e
     if not model.HasField("graph") or not model.graph.node:
         raise UnsupportedModel(f"{p} holds no ONNX graph (no nodes): is it really an .onnx model file?")
+    validate(model, str(p), p)
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def ort_refusal(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> str | None:
+    """Why ONNX Runtime cannot create a session for ``model`` (None: it can). ``path`` (the file the model came
+    from) lets ONNX Runtime read it, external data included, instead of a serialised copy."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        src = str(path) if path is not None else model.SerializeToString()
+        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (any refusal: invalid graph, unknown op, missing kernel, ...)
+        return _first_line(e)
+    return None
+
+
+def validate(model: onnx.ModelProto, what: str, path: str | os.PathLike | None = None) -> str | None:
+    """Accept every model ONNX Runtime can load: ``onnx.checker`` first; where it refuses (a graph output
+    without a shape in its type, a newer IR version, ...), the model is still accepted when ONNX Runtime
+    creates a session for it. Returns the checker's complaint that was overridden (None: the checker passed);
+    raises UnsupportedModel, with both reasons, when ONNX Runtime refuses too."""
     try:
         onnx.checker.check_model(model)
+        return None
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise UnsupportedModel(f"{p} is not a valid ONNX model: {first}") from e
-    return model
+        first = _first_line(e)
+    why = ort_refusal(model, path)
+    if why is not None:
+        raise UnsupportedModel(f"{what} is not a valid ONNX model: {first} (and ONNX Runtime cannot load it: {why})")
+    log.warning("%s: onnx.checker refuses it (%s) but ONNX Runtime loads it: continuing", what, first)
+    return first
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
