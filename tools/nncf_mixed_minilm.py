@@ -1,0 +1,59 @@
+"""NNCF's mixed-precision weight compression (``nncf.compress_weights``: INT4_ASYM primary, INT8_ASYM backup,
+``ratio`` = share of the weights at 4 bits, chosen per layer by a sensitivity metric) on MiniLM's MatMuls, for
+the comparison with onnxobc's size targets (issue 10). The embedding tables (Gather) are left float, as
+onnxobc leaves them, and ``all_layers=True`` lets the last MatMul take 4 bits too. Run it in a venv with NNCF
+(never the shared environment):
+
+    python -m venv /tmp/nncfenv --system-site-packages && /tmp/nncfenv/bin/pip install nncf
+    /tmp/nncfenv/bin/python tools/nncf_mixed_minilm.py --models-dir /work/cache/models --out /tmp/nncf \
+        --ratios 0.4,0.7 --metrics hessian_input_activation,weight_quantization_error [--group-size 32]
+
+Then measure with tools/weight_bytes.py (size fraction) and tools/minilm_pooled_cosine.py (quality).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def main(argv=None) -> int:
+    import nncf
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ratios", default="0.4,0.7")
+    ap.add_argument("--metrics", default="hessian_input_activation,weight_quantization_error")
+    ap.add_argument("--group-size", type=int, default=-1)
+    ap.add_argument("--samples", type=int, default=128)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    calib = np.load(args.models_dir / "minilm_calib.npz")
+    items = [{k: calib[k][i:i + 1] for k in INPUTS if k in calib.files} for i in range(args.samples)]
+    dataset = nncf.Dataset(items)
+    for metric in args.metrics.split(","):
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            model = onnx.load(args.models_dir / "minilm.onnx")
+            t = time.perf_counter()
+            out = nncf.compress_weights(
+                model, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=ratio, group_size=args.group_size,
+                all_layers=True, ignored_scope=nncf.IgnoredScope(types=["Gather"]),
+                dataset=None if metric == "weight_quantization_error" else dataset,
+                sensitivity_metric=nncf.SensitivityMetric(metric), subset_size=args.samples,
+                backup_mode=nncf.BackupMode.INT8_ASYM)
+            dt = time.perf_counter() - t
+            g = "" if args.group_size < 0 else f"_g{args.group_size}"
+            path = args.out / f"nncf_{metric}_r{ratio:g}{g}.onnx"
+            onnx.save(out, path)
+            print(f"{path}: {dt:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
