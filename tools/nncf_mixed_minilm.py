@@ -22,6 +22,30 @@ import onnx
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def _pack_zero_points(model: onnx.ModelProto) -> None:
+    """NNCF (3.4) writes group-wise 4-bit weights as com.microsoft MatMulNBits with one uint8 per zero point
+    ([N, blocks]); ONNX Runtime wants them packed two per byte ([N, ceil(blocks / 2)], low nibble first) and
+    refuses the model otherwise ("zero_points initializer shape {384,12} does not match ... [384,6]"). NNCF also
+    passes the bias to MatMulNBits while keeping the model's bias Add: the bias input is dropped here."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits" and len(n.input) >= 6 and n.input[5] and any(
+                n.output[0] in c.input and n.input[5] in c.input for c in model.graph.node if c.op_type == "Add"):
+            del n.input[4:]  # NNCF also fused the bias into MatMulNBits and kept the Add: it was added twice
+        bits = next((a.i for a in n.attribute if a.name == "bits"), None)
+        if n.op_type != "MatMulNBits" or bits != 4 or len(n.input) < 4 or n.input[3] not in inits:
+            continue
+        t = inits[n.input[3]]
+        z = numpy_helper.to_array(t)
+        if t.data_type != onnx.TensorProto.UINT8 or z.ndim != 2 or z.max() > 15:
+            continue
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], 1)
+        t.CopyFrom(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8), t.name))
+
+
 def main(argv=None) -> int:
     import nncf
 
@@ -48,6 +72,10 @@ def main(argv=None) -> int:
                 sensitivity_metric=nncf.SensitivityMetric(metric), subset_size=args.samples,
                 backup_mode=nncf.BackupMode.INT8_ASYM)
             dt = time.perf_counter() - t
+            for o in out.opset_import:  # NNCF writes uint4 DequantizeLinear into the opset-18 graph: ORT rejects
+                if o.domain in ("", "ai.onnx") and o.version < 21:  # it ("tensor(uint4) ... is invalid") below 21
+                    o.version = 21
+            _pack_zero_points(out)
             g = "" if args.group_size < 0 else f"_g{args.group_size}"
             path = args.out / f"nncf_{metric}_r{ratio:g}{g}.onnx"
             onnx.save(out, path)
