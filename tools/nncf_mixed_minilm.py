@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--metrics", default="hessian_input_activation,weight_quantization_error")
     ap.add_argument("--group-size", type=int, default=-1)
     ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--gptq", action="store_true", help="NNCF's GPTQ for the 4-bit layers (data-aware)")
+    ap.add_argument("--awq", action="store_true")
+    ap.add_argument("--scale-estimation", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     calib = np.load(args.models_dir / "minilm_calib.npz")
@@ -70,13 +73,15 @@ def main(argv=None) -> int:
                 all_layers=True, ignored_scope=nncf.IgnoredScope(types=["Gather"]),
                 dataset=None if metric == "weight_quantization_error" else dataset,
                 sensitivity_metric=nncf.SensitivityMetric(metric), subset_size=args.samples,
-                backup_mode=nncf.BackupMode.INT8_ASYM)
+                backup_mode=nncf.BackupMode.INT8_ASYM, gptq=args.gptq or None, awq=args.awq or None,
+                scale_estimation=args.scale_estimation or None)
             dt = time.perf_counter() - t
             for o in out.opset_import:  # NNCF writes uint4 DequantizeLinear into the opset-18 graph: ORT rejects
                 if o.domain in ("", "ai.onnx") and o.version < 21:  # it ("tensor(uint4) ... is invalid") below 21
                     o.version = 21
             _pack_zero_points(out)
             g = "" if args.group_size < 0 else f"_g{args.group_size}"
+            g += "".join(f"_{k}" for k in ("gptq", "awq", "scale_estimation") if getattr(args, k))
             path = args.out / f"nncf_{metric}_r{ratio:g}{g}.onnx"
             onnx.save(out, path)
             print(f"{path}: {dt:.1f} s", flush=True)
