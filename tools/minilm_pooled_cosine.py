@@ -19,12 +19,17 @@ def main(argv=None) -> int:
     ap.add_argument("candidates", nargs="+", type=Path)
     ap.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--no-opt", action="store_true", help="ONNX Runtime graph optimizations off (NNCF's "
+                    "group-wise uint4 models fail the DQ+MatMul -> MatMulNBits fusion of the higher levels)")
     args = ap.parse_args(argv)
     data = np.load(args.models_dir / "minilm_test.npz")
     feed = {k: data[k][: args.samples] for k in INPUTS if k in data.files}
 
     def run(path: Path) -> np.ndarray:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        so = ort.SessionOptions()
+        if args.no_opt:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
     def cos(a, b):
         return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
