@@ -63,12 +63,15 @@ def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tup
     quantized to ``base.bits`` when given; size: each of ``bits`` (default 8 and 4: the storage holds 5..8-bit codes
     in int8 and 2..4-bit codes in int4, so 3 bits costs what 4 bits does), pruned at
     ``sparsities`` too when given; bops: each of ``bits`` (default 8, 4) dense, N:M and at ``sparsities``."""
-    plain = dataclasses.replace(base.spec(), sparsity=None, nm=None, block_size=None)
+    from .engine.spec import spec_fields
+
+    plain = {f.name: getattr(base, f.name) for f in spec_fields()}  # not a LayerSpec yet: it may lack its bits
+    plain.update(sparsity=None, nm=None, block_size=None)
     out: list[LayerSpec] = []
 
     def add(**kw):
         try:
-            out.append(dataclasses.replace(plain, **kw))
+            out.append(LayerSpec(**{**plain, **kw}))
         except ValueError:
             pass  # an impossible combination (e.g. a group size without bits) is simply not a candidate
 
@@ -79,7 +82,9 @@ def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tup
             add(nm=base.nm, bits=base.bits)
     else:
         for b in (bits or (SIZE_BITS if target == "size" else BOPS_BITS)):
-            add(bits=b)
+            add(bits=b, group_size=None)
+            if base.group_size is not None:  # grouped beside per-channel: the DP may mix them
+                add(bits=b)
             for s in (sparsities or ()):
                 add(sparsity=s, bits=b)
             if target == "bops" and base.nm:

@@ -146,6 +146,11 @@ class CompressConfig(LayerSpec):
         if self.act_bits is not None and s is self and self.plan is None and self.target is None and s.bits != 8:
             raise ValueError("--act-bits 8 is the W8A8 path: give --bits 8 too (integer kernels need 8-bit weights)")
 
+    def _check_spec(self) -> None:
+        from .engine.spec import check_spec
+
+        check_spec(self, bits_to_come=self.cand_bits is not None)  # with candidate bit widths, a target picks one
+
     @property
     def target(self) -> tuple[str, float] | None:
         """('flops' | 'size' | 'bops', fraction) when compressing to a budget."""

@@ -154,6 +154,9 @@ def resolve(names: list[str], base: LayerSpec, rules: tuple[Rule, ...] | None, *
         if rule is not None and rule.skip:
             out[name] = None
             continue
+        if rule is None and not final:  # a target chooses the rest: the run's options are the base as they are
+            out[name] = base
+            continue
         try:
             spec = base.spec() if rule is None else dataclasses.replace(base.spec(), **dict(rule.options))
             if force_sym and not spec.sym:

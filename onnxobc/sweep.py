@@ -37,12 +37,18 @@ class SweepRow:
 def _uniform(kind: str, f: float, config: CompressConfig) -> tuple[str, dict] | None:
     bits = sorted(config.cand_bits or ((config.bits,) if config.bits else (8, 4)), reverse=True)
     if kind == "flops":
-        return f"uniform {1 - f:.0%}", dict(sparsity=round(1 - f, 4), bits=config.bits)
+        return f"uniform {1 - f:.0%}", dict(sparsity=round(1 - f, 4), bits=config.bits, nm=None)
     if kind == "size":
         fit = [b for b in bits if b / 32 <= f + 1e-12]
-        return (f"uniform {fit[0]}-bit", dict(bits=fit[0], qdq=True)) if fit else None
-    fit = [b for b in bits if b * 8 / 64 <= f + 1e-12]
-    return (f"uniform {fit[0]}-bit", dict(bits=fit[0])) if fit else None
+        return (f"uniform {fit[0]}-bit", dict(bits=fit[0], qdq=True, nm=None)) if fit else None
+    options = [(b * 8 / 64, b, None) for b in bits]  # nominal BOPs of dense b-bit weights x 8-bit activations
+    if config.nm:
+        options += [(b * 8 / 64 * config.nm[0] / config.nm[1], b, config.nm) for b in bits]
+    fit = sorted((o for o in options if o[0] <= f + 1e-12), key=lambda o: -o[0])
+    if not fit:
+        return None
+    _, b, nm = fit[0]
+    return (f"uniform {f'{nm[0]}:{nm[1]} + ' if nm else ''}{b}-bit", dict(bits=b, nm=nm))
 
 
 def _achieved(res, kind: str) -> float | None:
@@ -53,8 +59,9 @@ def _achieved(res, kind: str) -> float | None:
         return c["eff_macs"] / c["macs"]
     if kind == "size" and c.get("dense_bytes"):
         return c["bytes"] / c["dense_bytes"]
-    if kind == "bops" and c.get("macs"):
-        return c["bops"] / (c["macs"] * 64)
+    if kind == "bops" and c.get("macs"):  # activations count as 8-bit unless --act-bits says otherwise
+        act = (res.config or {}).get("act_bits") or 8
+        return sum(l.cost["eff_macs"] * (l.bits or 32) * act for l in res.layers) / (c["macs"] * 64)
     return None
 
 

@@ -222,3 +222,33 @@ def test_allocation_search_never_worse_than_the_dp_on_its_own_score():
     assert res.allocation["cost"] <= res.allocation["budget"]
     with pytest.raises(ValueError, match="allocation-search"):
         CompressConfig(target_flops=0.5, allocation_search=-1)
+
+
+def test_candidate_bits_with_group_size_and_act_order(tmp_path):
+    """--bits as a list with --group-size (or --act-order): the base has no bits yet, the candidates do; grouped
+    and per-channel candidates are both offered, so the DP can mix them."""
+    model = graphs.bert_like()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "c.npz", **calib(model, 16))
+    rep = tmp_path / "r.json"
+    assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--target-size", "0.2", "--bits", "8,4",
+                 "--group-size", "8", "--opset", "21", "-o", str(tmp_path / "o.onnx"), "--report", str(rep), "-q"]) == 0
+    assert json.loads(rep.read_text())["allocation"]["achieved"] <= 0.2
+    assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--target-size", "0.2", "--bits", "8,4",
+                 "--method", "gptq", "--act-order", "--opset", "21", "-o", str(tmp_path / "p.onnx"), "-q"]) == 0
+    offered = candidates(CompressConfig(target_size=0.2, cand_bits=(8, 4), group_size=8), "size", (8, 4), None)
+    assert [(c.bits, c.group_size) for c in offered] == [(8, None), (8, 8), (4, None), (4, 8)]
+
+
+def test_sweep_bops_uniform_rows_count_8bit_activations_and_nm(tmp_path):
+    from onnxobc.sweep import sweep
+
+    model = graphs.bert_like()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    feeds = [calib(model, 16)]
+    rows = sweep(str(path), feeds, feeds, CompressConfig(target_bops=0.5, cand_bits=(8, 4), nm=(2, 4)), [0.5, 0.3])
+    uni = {r.fraction: r for r in rows if r.kind == "uniform"}
+    assert uni[0.5].label.endswith("uniform 4-bit") and uni[0.5].achieved == pytest.approx(0.5)
+    assert "2:4 + 4-bit" in uni[0.3].label and uni[0.3].achieved == pytest.approx(0.25)

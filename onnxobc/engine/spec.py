@@ -83,6 +83,9 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.nm is not None:
             object.__setattr__(self, "nm", parse_nm(self.nm))
+        self._check_spec()
+
+    def _check_spec(self) -> None:
         check_spec(self)
 
     @property
@@ -131,8 +134,9 @@ def spec_fields():
 SPEC_NAMES = tuple(f.name for f in fields(LayerSpec))
 
 
-def check_spec(s: LayerSpec) -> None:
-    """Raise ValueError for invalid or incompatible per-layer options (messages use the CLI's spelling)."""
+def check_spec(s: LayerSpec, *, bits_to_come: bool = False) -> None:
+    """Raise ValueError for invalid or incompatible per-layer options (messages use the CLI's spelling).
+    ``bits_to_come``: the bit width is chosen later (candidates of a target), so options that need one pass."""
     if s.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {s.method!r}")
     if s.sparsity is not None and not 0.0 <= s.sparsity < 1.0:
@@ -157,14 +161,14 @@ def check_spec(s: LayerSpec) -> None:
     if s.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
     if s.group_size is not None:
-        if s.bits is None:
+        if s.bits is None and not bits_to_come:
             raise ValueError("--group-size sets the quantization grid's granularity: give --bits B too")
         if s.group_size < 2:
             raise ValueError(f"--group-size must be >= 2 (consecutive inputs per scale), got {s.group_size}")
     if s.act_order:
         if s.method not in ("gptq", "auto"):
             raise ValueError(f"--act-order is an option of --method gptq or auto, not {s.method}")
-        if s.bits is None or s.sparsity is not None or s.nm is not None or s.block_size is not None:
+        if (s.bits is None and not bits_to_come) or s.sparsity is not None or s.nm is not None or s.block_size is not None:
             raise ValueError("--act-order orders the columns of a quantization: give --bits B and no pruning option")
 
 
