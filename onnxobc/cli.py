@@ -134,15 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _config_from_args(args: argparse.Namespace):
     from .config import CompressConfig
-    from .engine.spec import spec_fields
     from .plan import load_plan
 
-    per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}  # the options LayerSpec defines
-    cands = {}
-    for name in ("bits", "sparsity"):  # with a target, comma-separated lists are candidates
-        if isinstance(per_layer[name], tuple):
-            cands[f"cand_{name}"] = per_layer[name]
-            per_layer[name] = None
+    per_layer, cands = _spec_options(args)
     return CompressConfig(
         **per_layer, **cands, target_flops=args.target_flops, target_size=args.target_size,
         target_bops=args.target_bops, database=args.database, allocation_error=args.allocation_error,
@@ -164,6 +158,20 @@ def _batch_axes(args: argparse.Namespace) -> dict:
     from .calibrate.data import parse_batch_axes
 
     return parse_batch_axes(args.batch_axis)
+
+
+def _spec_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(the LayerSpec options as given, candidate lists): with a target, comma-separated --bits / --sparsity
+    values are candidates (cand_bits / cand_sparsity) rather than one setting."""
+    from .engine.spec import spec_fields
+
+    per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}
+    cands = {}
+    for name in ("bits", "sparsity"):
+        if isinstance(per_layer[name], tuple):
+            cands[f"cand_{name}"] = per_layer[name]
+            per_layer[name] = None
+    return per_layer, cands
 
 
 def _number_or_list(typ):
@@ -328,7 +336,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import CompressConfig
-    from .engine.spec import spec_fields
     from .errors import UsageError
     from .sweep import sweep, write
 
@@ -340,12 +347,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         targets = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--target-{kind} {text!r}: expected comma-separated fractions such as 0.7,0.5") from None
-    per_layer = {f.name: getattr(args, f.name) for f in spec_fields()}
-    cands = {}
-    for name in ("bits", "sparsity"):
-        if isinstance(per_layer[name], tuple):
-            cands[f"cand_{name}"] = per_layer[name]
-            per_layer[name] = None
+    per_layer, cands = _spec_options(args)
     cfg = CompressConfig(**per_layer, **cands, samples=args.samples, batch_size=args.batch_size,
                          database=args.database, allocation_error=args.allocation_error,
                          stats_correction=args.stats_correction, opset=args.opset, **{f"target_{kind}": targets[0]})

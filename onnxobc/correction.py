@@ -11,7 +11,6 @@ already corrected (one ONNX Runtime run over the correction samples per layer).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 import numpy as np

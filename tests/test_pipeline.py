@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import graphs
+from golden_cases import calib as golden_calib
 from onnxobc import CompressConfig, compress
 from onnxobc.cli import main
 from onnxobc.graph import find_layers
@@ -30,17 +31,7 @@ def run(model, feed):
 
 def _calib(model, n=24):
     """Correlated calibration inputs (a few latent factors), so OBS has structure to exploit."""
-    rng = np.random.default_rng(0)
-    feed = graphs.make_feed(model, n, seed=0)
-    out = {}
-    for k, v in feed.items():
-        if v.dtype.kind == "f" and v.ndim >= 2:
-            flat = v.reshape(n, -1)
-            basis = rng.standard_normal((3, flat.shape[1]))
-            flat = rng.standard_normal((n, 3)) @ basis + 0.3 * flat
-            v = flat.reshape(v.shape).astype(v.dtype)
-        out[k] = v
-    return out
+    return golden_calib(model, n)
 
 
 @pytest.mark.parametrize("case", CASES)
