@@ -41,7 +41,7 @@ from . import _greedy as G
 from ._blas import blas_threads
 from .common import check_layer, check_sparsity, finish
 from .grid import Grid, fit_grid
-from .hessian import _linalg_error
+from .hessian import _linalg_error, dead_inputs
 from .result import EngineResult
 from .sparsegpt import block_mask, nm_mask
 
@@ -106,20 +106,7 @@ def _prepare_fast(xp: Any, H: Any, w: Any, damp: float, name: str, order: Any, m
     fails, up to ``max_tries`` levels, then a NumericalError), returning ``(w, U, dead, damp used)`` with U the
     upper Cholesky factor of the inverse of the damped Hessian in the column ``order`` (None: as stored)."""
     c = H.shape[0]
-    H = xp.array(H, dtype=xp.float64, copy=True)
-    if not bool(xp.all(xp.isfinite(H))):
-        raise NumericalError(
-            f"{name}: the Hessian ({c} x {c}) has NaN or infinite entries; the calibration activations overflowed "
-            "or contain NaN - check the calibration data and the model's outputs on it")
-    dead = xp.diagonal(H) == 0
-    dead_idx = xp.nonzero(dead)[0]
-    H[dead_idx, dead_idx] = 1.0
-    w = xp.array(w, copy=True)
-    w[:, dead_idx] = 0
-    mean_diag = float(xp.mean(xp.diagonal(H)))
-    if not mean_diag > 0:
-        raise NumericalError(f"{name}: the Hessian's mean diagonal is {mean_diag:g} (<= 0), so it cannot come from "
-                             "real inputs (H = 2 X X^T / n has a non-negative diagonal); check how it was accumulated")
+    H, w, dead, mean_diag = dead_inputs(xp, H, w, name)
     if order is not None:
         H = H[order][:, order]
     lam = float(damp)

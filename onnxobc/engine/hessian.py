@@ -46,6 +46,28 @@ def _linalg_error(xp: Any) -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def dead_inputs(xp: Any, H: Any, w: Any, name: str) -> tuple[Any, Any, Any, float]:
+    """Sec. 0, before damping: a float64 copy of H with H_jj = 1 for dead inputs (H_jj = 0), a copy of w with
+    their columns zeroed, the dead mask and mean(diag H); NumericalError for a non-finite or impossible H."""
+    c = H.shape[0]
+    H = xp.array(H, dtype=xp.float64, copy=True)
+    if not bool(xp.all(xp.isfinite(H))):
+        raise NumericalError(
+            f"{name}: the Hessian ({c} x {c}) has NaN or infinite entries; the calibration activations overflowed "
+            "or contain NaN - check the calibration data and the model's outputs on it")
+    dead = xp.diagonal(H) == 0
+    dead_idx = xp.nonzero(dead)[0]
+    H[dead_idx, dead_idx] = 1.0
+    w = xp.array(w, copy=True)
+    w[:, dead_idx] = 0
+    mean_diag = float(xp.mean(xp.diagonal(H)))
+    if not mean_diag > 0:
+        raise NumericalError(
+            f"{name}: the Hessian's mean diagonal is {mean_diag:g} (<= 0), so it cannot come from real inputs "
+            "(H = 2 X X^T / n has a non-negative diagonal); check how it was accumulated")
+    return H, w, dead, mean_diag
+
+
 def prepare(H: Any, w: Any, damp: float = 0.01, *, name: str = "layer", max_tries: int = 5) -> Prepared:
     """Dead inputs, relative damping with escalation, Cholesky-checked inversion (sec. 0).
 
@@ -64,22 +86,7 @@ def prepare(H: Any, w: Any, damp: float = 0.01, *, name: str = "layer", max_trie
         raise ValueError(f"{name}: damp must be > 0, got {damp}")
     if max_tries < 1:
         raise ValueError(f"{name}: max_tries must be >= 1, got {max_tries}")
-    c = H.shape[0]
-    H = xp.array(H, dtype=xp.float64, copy=True)
-    if not bool(xp.all(xp.isfinite(H))):
-        raise NumericalError(
-            f"{name}: the Hessian ({c} x {c}) has NaN or infinite entries; the calibration activations overflowed "
-            "or contain NaN - check the calibration data and the model's outputs on it")
-    dead = xp.diagonal(H) == 0
-    dead_idx = xp.nonzero(dead)[0]
-    H[dead_idx, dead_idx] = 1.0
-    w = xp.array(w, copy=True)
-    w[:, dead_idx] = 0
-    mean_diag = float(xp.mean(xp.diagonal(H)))
-    if not mean_diag > 0:
-        raise NumericalError(
-            f"{name}: the Hessian's mean diagonal is {mean_diag:g} (<= 0), so it cannot come from real inputs "
-            "(H = 2 X X^T / n has a non-negative diagonal); check how it was accumulated")
+    H, w, dead, mean_diag = dead_inputs(xp, H, w, name)
     errors = _linalg_error(xp)
     # one large factorisation and inverse: the BLAS's own threads are used here
     return _damped_inverse(xp, H, w, dead, float(damp), mean_diag, errors, name, damp, max_tries)
