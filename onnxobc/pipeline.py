@@ -180,7 +180,7 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
         work = copy.deepcopy(work)  # the one copy: calibration reads it, then apply edits it
     if changed:  # nodes moved (or weights were folded): find the layers again, matched by any stable name
         def keys(l: Layer) -> set[str]:
-            return {l.weight_name, l.name, l.consumers[0].output_name}
+            return {l.weight_name, l.name, (l.consumers[0].output_name, l.layout.weight_input)}
 
         old = [(keys(l), specs[l.name], l in selected) for l in layers]
         layers, skipped = find_layers(work)

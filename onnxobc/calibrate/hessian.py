@@ -157,9 +157,16 @@ def _serialised(model: onnx.ModelProto | bytes) -> onnx.ModelProto | bytes:
     return model
 
 
-def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs)."""
+def augment(model: onnx.ModelProto, tensors: list[str],
+            expose: dict[str, tuple[int, int]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs).
+    ``expose`` names node outputs the graph leaves unnamed: {name: (node index, output slot)}."""
     aug = copy.deepcopy(model)
+    for t, (idx, slot) in (expose or {}).items():
+        node = aug.graph.node[idx]
+        while len(node.output) <= slot:
+            node.output.append("")
+        node.output[slot] = t
     inputs = {i.name for i in aug.graph.input}
     outputs = {o.name for o in aug.graph.output}
     types = tensor_types(model)
@@ -281,9 +288,11 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     dtype = np.float64 if precision == "float64" else None
     specs = specs if specs is not None else input_specs(model)  # the caller's, with --batch-axis overrides
     wanted = [c.input_name for layer in layers for c in layer.consumers]
+    wanted += [t for layer in layers for c in layer.consumers for t in c.aux.values()]
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
-    aug, fetch = augment(model, wanted)
+    aug, fetch = augment(model, wanted, {c.input_name: c.expose for layer in layers for c in layer.consumers
+                                         if c.expose is not None})
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
                                         if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
@@ -352,16 +361,17 @@ def _accumulate_all(it, fetch, specs, token_mask, observers, layers, stats, kind
                         x = x[mask]
                     st.row_counts += c.layout.row_counts(x, layer.weight.shape)
                     continue
+                aux = {k: values[t] for k, t in c.aux.items()}
                 if not hessians:
-                    st.columns += (len(x) if c.layout.rows_are_samples else x.shape[-1]) * \
-                        c.layout.positions_per_sample(x.shape, layer.weight.shape)
+                    st.columns += c.layout.count_columns(x.shape, layer.weight.shape, **aux)
                     continue
                 # a slice of samples at a time (the Gram code tiles further): bounded work per call
                 per_sample = layer.groups * layer.cols * max(c.layout.positions_per_sample(x.shape, layer.weight.shape), 1) * 8
                 step = (max(1, _UNFOLD_BYTES // per_sample) if x.ndim > 1 and c.layout.rows_are_samples
                         else max(len(x), 1))
                 for s in range(0, max(len(x), 1), step):
-                    xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape, dtype=dtype)
+                    xtx, ncols = c.layout.gram(x[s:s + step] if x.ndim > 1 else x, layer.weight.shape, dtype=dtype,
+                                               **aux)
                     if xtx.shape[1] != layer.cols:
                         raise CalibrationError(
                             f"{c.node_name}: unfolded input has {xtx.shape[1]} rows, the weight has fan-in {layer.cols}"

@@ -209,6 +209,10 @@ def plan_sites(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[ActSit
         return sites.setdefault(t, ActSite(t))
 
     for layer in layers:
+        if not layer.layout.activation_sites:
+            notes.append(f"{layer.name}: {layer.op} keeps float activations (its weights multiply inputs and hidden "
+                         "states inside the node)")
+            continue
         if layer.op == "Conv" and layer.groups == 1 and layer.cols < MIN_INT8_FAN_IN:
             what = "stem Conv" if _is_stem(ix, layer.consumers[0].input_name) else "Conv"
             notes.append(f"{layer.name}: {what} with fan-in {layer.cols} (below {MIN_INT8_FAN_IN}) keeps float "

@@ -195,10 +195,23 @@ def _tensor(name: str, values: np.ndarray, et: int) -> TensorProto:
     return numpy_helper.from_array(values, name)
 
 
+def qdq_split(layer: Layer) -> tuple[int, int]:
+    """(pieces, axis): how many DequantizeLinear nodes store ``layer``'s weight, and the axis along which their
+    slices are joined by a Concat. One, or the groups when the output-channel axis holds only one group's
+    channels (ConvTranspose W [Cin, Cout/g, k...]: each group's slice along the fan-in axis gets its own
+    per-channel DequantizeLinear), or what the adapter says (recurrent W / R: one per direction, along axis 0)."""
+    own = layer.layout.qdq_split(layer.weight.shape)
+    if own is not None:
+        return own
+    return qdq_pieces_by_groups(layer), layer.layout.fan_in_axis()
+
+
 def qdq_pieces(layer: Layer) -> int:
-    """How many DequantizeLinear nodes store ``layer``'s weight: 1, or its groups when the output-channel axis
-    holds only one group's channels (ConvTranspose W [Cin, Cout/g, k...]: each group's slice along the fan-in
-    axis gets its own per-channel DequantizeLinear, and a Concat joins them)."""
+    """How many DequantizeLinear nodes store ``layer``'s weight (see :func:`qdq_split`)."""
+    return qdq_split(layer)[0]
+
+
+def qdq_pieces_by_groups(layer: Layer) -> int:
     if layer.groups > 1 and int(layer.weight.shape[layer.layout.out_axis()]) != layer.groups * layer.rows:
         return layer.groups
     return 1
@@ -248,13 +261,13 @@ def add_qdq_weight(edit: GraphEdit, layer: Layer, weight: np.ndarray, grid: Laye
             raise UsageError(f"{layer.name}: group-wise QDQ weights need opset >= 21 (blocked DequantizeLinear), the "
                              f"model has opset {main_opset(model)}: convert it first (ensure_opset(..., blocked=True))")
     base = layer.weight_name
-    pieces = qdq_pieces(layer)
+    pieces, split = qdq_split(layer)
     if pieces == 1:
         qn, out = _dq_piece(edit, layer, weight, grid, base)
     else:
-        split = layer.layout.fan_in_axis()
         parts = np.split(weight, pieces, axis=split)
-        names = [_dq_piece(edit, layer, part, grid.rows(slice(j * layer.rows, (j + 1) * layer.rows)), f"{base}_g{j}")
+        per = layer.groups * layer.rows // pieces  # grid rows (output channels) per piece
+        names = [_dq_piece(edit, layer, part, grid.rows(slice(j * per, (j + 1) * per)), f"{base}_g{j}")
                  for j, part in enumerate(parts)]
         qn = names[0][0]
         out = edit.fresh(f"{base}_dequantized")

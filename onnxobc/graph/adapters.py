@@ -143,6 +143,21 @@ class OpLayout:
         """How many columns one sample contributes (spatial outputs for Conv, tokens for MatMul)."""
         return 1
 
+    def count_columns(self, x_shape: tuple[int, ...], weight_shape: tuple[int, ...], **aux) -> int:
+        """How many columns an input of this shape contributes (without forming them)."""
+        return (x_shape[0] if self.rows_are_samples else x_shape[-1]) * self.positions_per_sample(x_shape, weight_shape)
+
+    def qdq_split(self, weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """(pieces, axis) when per-channel QDQ needs one DequantizeLinear per slice of the weight along ``axis``
+        (joined by a Concat) because :meth:`out_axis` holds only part of the rows; None: decided by the groups
+        (see :func:`onnxobc.export.qdq.qdq_pieces`)."""
+        return None
+
+    @property
+    def activation_sites(self) -> bool:
+        """Whether W8A8 may quantize the node's input (False where the weight's input is not a graph tensor)."""
+        return True
+
 
 @adapter("Gemm")
 @dataclass(frozen=True)
@@ -576,3 +591,251 @@ class GatherLayout(OpLayout):
         if idx.size and (idx.min() < -v or idx.max() >= v):
             raise CalibrationError(f"Gather indices out of range [-{v}, {v}) for a table of {v} rows")
         return np.bincount(np.where(idx < 0, idx + v, idx), minlength=v).astype(np.float64)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _activation(name: str, alpha: float | None, beta: float | None):
+    """The ONNX recurrent activation ``name`` as a NumPy function (None: not known here)."""
+    n = name.decode() if isinstance(name, bytes) else str(name)
+    n = n.lower()
+    if n == "sigmoid":
+        return lambda v: 1.0 / (1.0 + np.exp(-v))
+    if n == "tanh":
+        return np.tanh
+    if n == "relu":
+        return lambda v: np.maximum(v, 0.0)
+    if n == "hardsigmoid":
+        a = 0.2 if alpha is None else alpha
+        b = 0.5 if beta is None else beta
+        return lambda v: np.clip(a * v + b, 0.0, 1.0)
+    if n == "affine":
+        a = 1.0 if alpha is None else alpha
+        b = 0.0 if beta is None else beta
+        return lambda v: a * v + b
+    return None
+
+
+_ACT_PARAMS = {"affine": 2, "leakyrelu": 1, "thresholdedrelu": 1, "scaledtanh": 2, "hardsigmoid": 2, "elu": 1,
+               "softsign": 0, "softplus": 0, "sigmoid": 0, "tanh": 0, "relu": 0}
+
+
+class _Recurrent(OpLayout):
+    """LSTM / GRU / RNN (ONNX): W [num_dir, gates * hidden, input] and R [num_dir, gates * hidden, hidden], each
+    a layer of its own (``attrs["part"]`` = "W" or "R"), one problem per direction (its groups).
+
+    W multiplies the node's input X at every time step: its columns are X[t, b] for every step t below the
+    sequence's length (all steps without ``sequence_lens``), the same for every direction. R multiplies the
+    hidden state h_{t-1} that direction d carries into step t: initial_h[d] (zeros without it) at the
+    direction's first step, else Y at the previous step of that direction (t - 1 going forward, t + 1 in
+    reverse, where a sequence of length L starts at step L - 1). Calibration records Y (exposed as a graph
+    output when the node does not name it) and passes initial_h and sequence_lens with it.
+
+    GRU with ``linear_before_reset = 0`` (the ONNX default) multiplies its hidden gate's block of R with
+    r_t * h_{t-1}, not h_{t-1}: its R is then 3 problems per direction (z, r, h gates, ``hidden`` rows each),
+    the h gate's Hessian formed from r_t * h_{t-1}, with r_t recomputed from X, W, R and B as the node does."""
+
+    @property
+    def part(self) -> str:
+        return self.attrs.get("part", "W")
+
+    @property
+    def nd_layout(self) -> int:
+        return int(self.attrs.get("layout", 0))
+
+    def gates(self) -> int:
+        return _GATES[self.op]
+
+    @property
+    def split_gates(self) -> bool:
+        """GRU R with linear_before_reset = 0: one problem per gate (the h gate sees r * h)."""
+        return self.op == "GRU" and self.part == "R" and not self.attrs.get("linear_before_reset", 0)
+
+    def groups(self, weight_shape):
+        nd = int(weight_shape[0])
+        return nd * 3 if self.split_gates else nd
+
+    def matrix_shape(self, weight_shape):
+        g = self.groups(weight_shape)
+        return g, int(weight_shape[0] * weight_shape[1] // g), int(weight_shape[2])
+
+    def to_matrices(self, w):
+        g, r, c = self.matrix_shape(w.shape)
+        return np.ascontiguousarray(w.reshape(g, r, c))
+
+    def from_matrices(self, mats, weight_shape):
+        return np.ascontiguousarray(np.asarray(mats).reshape(weight_shape))
+
+    def out_axis(self):
+        return 1
+
+    def fan_in_axis(self):
+        return 2
+
+    def qdq_split(self, weight_shape):
+        """One per-channel DequantizeLinear per direction (axis 1 holds one direction's gates * hidden rows),
+        joined by a Concat along axis 0."""
+        nd = int(weight_shape[0])
+        return (nd, 0) if nd > 1 else None
+
+    def position_dims(self, output_shape):
+        """Every time step applies the weight once (per direction: the weight holds all directions)."""
+        if output_shape is None or len(output_shape) != 4:
+            return ["?"]
+        return [output_shape[1] if self.nd_layout else output_shape[0]]
+
+    @property
+    def channel_axis(self):
+        return -1
+
+    @property
+    def token_inputs(self):
+        return False
+
+    @property
+    def rows_are_samples(self):
+        return False
+
+    @property
+    def weight_input(self):
+        return 1 if self.part == "W" else 2
+
+    @property
+    def activation_sites(self) -> bool:
+        return False
+
+    def input_problem(self, x_shape, weight_shape):
+        want = 3 if self.part == "W" else 4
+        if len(x_shape) != want:
+            return f"{'input X' if self.part == 'W' else 'output Y'} has rank {len(x_shape)}, expected {want}"
+        if x_shape[-1] != weight_shape[2]:
+            return f"{'input' if self.part == 'W' else 'hidden'} size {x_shape[-1]}, the weight expects {weight_shape[2]}"
+        return None
+
+    def _time_batch(self, x_shape):
+        """(T, B) of X (part W) or Y (part R: [T, nd, B, H] in layout 0)."""
+        t_ax, b_ax = (1, 0) if self.nd_layout else (0, 2 if self.part == "R" else 1)
+        return int(x_shape[t_ax]), int(x_shape[b_ax])
+
+    def _valid(self, T: int, B: int, sequence_lens) -> np.ndarray:
+        """(T, B) bool: the steps each sequence really has."""
+        if sequence_lens is None:
+            return np.ones((T, B), dtype=bool)
+        lens = np.asarray(sequence_lens).reshape(-1).astype(np.int64)
+        if lens.shape[0] != B:
+            raise CalibrationError(f"sequence_lens has {lens.shape[0]} entries for a batch of {B}")
+        if lens.size and (lens.min() < 0 or lens.max() > T):
+            raise CalibrationError(f"sequence_lens out of range [0, {T}]")
+        return np.arange(T)[:, None] < lens[None, :]
+
+    def _reverse(self, d: int, nd: int) -> bool:
+        direction = self.attrs.get("direction", "forward")
+        if isinstance(direction, bytes):
+            direction = direction.decode()
+        return d == 1 or (nd == 1 and direction == "reverse")
+
+    def positions_per_sample(self, x_shape, weight_shape):
+        return self._time_batch(x_shape)[0]
+
+    def count_columns(self, x_shape, weight_shape, sequence_lens=None, **_):
+        T, B = self._time_batch(x_shape)
+        return int(self._valid(T, B, sequence_lens).sum())
+
+    def _tb(self, a: np.ndarray, nd_axis: bool) -> np.ndarray:
+        """X [T, B, I] / Y [T, nd, B, H] in layout 0; layout 1 ([B, T, ...]) brought to it."""
+        a = np.asarray(a, dtype=np.float64)
+        if self.nd_layout:
+            return a.transpose(1, 2, 0, 3) if nd_axis else a.transpose(1, 0, 2)
+        return a
+
+    def _h0(self, initial_h, nd, B, H):
+        """initial_h as [nd, B, H] (zeros without it)."""
+        if initial_h is None:
+            return np.zeros((nd, B, H))
+        h0 = np.asarray(initial_h, dtype=np.float64)
+        return h0.transpose(1, 0, 2) if self.nd_layout else h0
+
+    def hidden_inputs(self, y: np.ndarray, nd: int, sequence_lens=None, initial_h=None) -> np.ndarray:
+        """h_{t-1} per direction and step: (nd, T, B, H), layout 0 order, from Y and initial_h."""
+        y = self._tb(y, True)  # [T, nd, B, H]
+        T, _, B, H = y.shape
+        h0 = self._h0(initial_h, nd, B, H)
+        lens = (np.full(B, T) if sequence_lens is None else np.asarray(sequence_lens).reshape(-1).astype(np.int64))
+        prev = np.zeros((nd, T, B, H))
+        for d in range(nd):
+            if self._reverse(d, nd):
+                prev[d, :-1] = y[1:, d]
+                for b in range(B):  # a sequence of length L starts at step L - 1 from initial_h
+                    if 0 < lens[b] <= T:
+                        prev[d, lens[b] - 1, b] = h0[d, b]
+            else:
+                prev[d, 1:] = y[:-1, d]
+                prev[d, 0] = h0[d]
+        return prev
+
+    def unfold(self, x, weight_shape, *, sequence_lens=None, initial_h=None, X=None, W=None, R=None, B=None):
+        """Columns (groups, C, n) of one batch: X's valid steps for W, the hidden states R multiplies for R."""
+        nd = int(weight_shape[0])
+        if self.part == "W":
+            xs = self._tb(x, False)  # [T, B, I]
+            T, Bn, _ = xs.shape
+            valid = self._valid(T, Bn, sequence_lens)
+            cols = xs[valid].T  # (I, n)
+            return np.broadcast_to(cols, (nd,) + cols.shape).copy()
+        y = self._tb(x, True)
+        T, _, Bn, H = y.shape
+        valid = self._valid(T, Bn, sequence_lens)
+        prev = self.hidden_inputs(x, nd, sequence_lens, initial_h)  # (nd, T, B, H)
+        per_dir = [prev[d][valid].T for d in range(nd)]  # (H, n) each
+        if not self.split_gates:
+            return np.stack(per_dir)
+        if X is None or W is None or R is None:
+            raise CalibrationError("GRU (linear_before_reset = 0): the R Hessian needs X, W and R")
+        xs = self._tb(X, False)
+        W = np.asarray(W, dtype=np.float64)
+        R = np.asarray(R, dtype=np.float64)
+        bias = np.zeros((nd, 6 * H)) if B is None else np.asarray(B, dtype=np.float64)
+        clip = self.attrs.get("clip")
+        out = []
+        for d in range(nd):
+            f = self.gate_activation(d, nd)
+            pre = (xs @ W[d, H:2 * H].T + prev[d] @ R[d, H:2 * H].T + bias[d, H:2 * H] + bias[d, 4 * H:5 * H])
+            if clip is not None:
+                pre = np.clip(pre, -clip, clip)
+            r = f(pre)  # [T, B, H]
+            h = per_dir[d]
+            out += [h, h, (r * prev[d])[valid].T]
+        return np.stack(out)
+
+    def gate_activation(self, d: int, nd: int):
+        """f of direction d (the z / r gates' activation): Sigmoid unless ``activations`` says otherwise."""
+        acts = list(self.attrs.get("activations") or [])
+        if not acts:
+            return _activation("Sigmoid", None, None)
+        alphas = list(self.attrs.get("activation_alpha") or [])
+        betas = list(self.attrs.get("activation_beta") or [])
+        # alpha / beta lists hold one entry per activation that takes them, in order
+        ia = ib = 0
+        for k, name in enumerate(acts):
+            key = (name.decode() if isinstance(name, bytes) else str(name)).lower()
+            n = _ACT_PARAMS.get(key, 0)
+            a = alphas[ia] if n >= 1 and ia < len(alphas) else None
+            b = betas[ib] if n >= 2 and ib < len(betas) else None
+            ia += n >= 1
+            ib += n >= 2
+            if k == 2 * d:
+                fn = _activation(name, a, b)
+                if fn is None:
+                    raise CalibrationError(f"GRU gate activation {name!r} is not supported for its R Hessian")
+                return fn
+        raise CalibrationError("GRU activations list too short")
+
+    def gram(self, x, weight_shape, *, dtype=None, **aux):
+        """Products in float64 (the columns are a copy of the recorded tensors: no unfolding to tile)."""
+        cols = self.unfold(x, weight_shape, **aux)
+        return cols @ cols.transpose(0, 2, 1), int(cols.shape[-1])
+
+
+for _op in _GATES:
+    adapter(_op)(dataclass(frozen=True)(type(f"{_op}Layout", (_Recurrent,), {"__module__": __name__})))

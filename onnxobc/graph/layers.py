@@ -27,6 +27,7 @@ QUANTIZED_OPS = {
 }
 CHAIN_OPS = ("Identity", "Transpose", "Reshape", "Cast")
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # two layers per node: W (input weights) and R (recurrent weights)
 LOOKUP_OPS = ("Gather",)  # a constant 2-D float table read by row (embeddings); other Gathers are not candidates
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
@@ -42,6 +43,8 @@ class Consumer:
     layout: OpLayout
     output_name: str = ""
     output_shape: tuple | None = None  # from shape inference; symbolic dims as strings
+    aux: dict = field(default_factory=dict)  # more tensors the Gram needs: {keyword: tensor name} (recurrent ops)
+    expose: tuple[int, int] | None = None  # (node index, output slot) naming ``input_name`` when the node leaves it unnamed
 
 
 @dataclass
@@ -310,6 +313,58 @@ def _consumer(ix: GraphIndex, idx: int, shapes: dict) -> tuple[Consumer | None, 
     return Consumer(name, idx, node.op_type, act, layout, out, shapes.get(out)), w, None
 
 
+def _recurrent_consumers(ix: GraphIndex, idx: int, shapes: dict) -> list[tuple[Consumer, str]]:
+    """The W and R consumers of an LSTM / GRU / RNN node: W reads the node's input X, R the hidden states,
+    recorded from the node's output Y (exposed under a fresh name when the node leaves Y unnamed)."""
+    node = ix.node(idx)
+    name = _node_name(node, idx)
+    a = _attrs(node)
+    attrs = {k: a[k] for k in ("hidden_size", "direction", "layout", "linear_before_reset", "activations",
+                               "activation_alpha", "activation_beta", "clip") if k in a}
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    seq = {"sequence_lens": ins[4]} if ins[4] else {}
+    y = node.output[0] if len(node.output) and node.output[0] else ""
+    expose = None
+    if not y:
+        y = f"{name}_Y_onnxobc"
+        while y in ix.producer or y in ix.inits or y in ix.graph_inputs:
+            y += "_"
+        expose = (idx, 0)
+    out_shape = shapes.get(y)
+    found = []
+    w_cons = Consumer(f"{name}/W", idx, node.op_type, ins[0], OpLayout(node.op_type, dict(attrs, part="W")), y,
+                      out_shape, aux=dict(seq), expose=None)
+    found.append((w_cons, ins[1]))
+    r_aux = dict(seq)
+    if ins[5]:
+        r_aux["initial_h"] = ins[5]
+    r_layout = OpLayout(node.op_type, dict(attrs, part="R"))
+    if r_layout.split_gates:  # the h gate's input r * h needs r, recomputed from X, W, R and B
+        r_aux.update(X=ins[0], W=ins[1], R=ins[2])
+        if ins[3]:
+            r_aux["B"] = ins[3]
+    found.append((Consumer(f"{name}/R", idx, node.op_type, y, r_layout, y, out_shape, aux=r_aux, expose=expose),
+                  ins[2]))
+    return found
+
+
+def _recurrent_problem(layout: OpLayout, shape: tuple) -> str | None:
+    """Why a recurrent weight of this shape cannot be compressed (None: it can)."""
+    gates = layout.gates()
+    hidden = layout.attrs.get("hidden_size")
+    if shape[1] % gates or (hidden is not None and shape[1] != gates * hidden):
+        return f"{layout.op} weight of shape {tuple(shape)} does not hold {gates} gates of hidden_size {hidden}"
+    if layout.part == "R" and shape[2] * gates != shape[1]:
+        return f"{layout.op} R of shape {tuple(shape)} is not [num_directions, {gates} * hidden, hidden]"
+    if layout.split_gates:
+        try:
+            for d in range(int(shape[0])):
+                layout.gate_activation(d, int(shape[0]))
+        except Exception as e:
+            return f"{e} (GRU with linear_before_reset = 0 recomputes its reset gate)"
+    return None
+
+
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -347,7 +402,7 @@ def _compatible(a: OpLayout, b: OpLayout) -> bool:
         return a.attrs.get("transB", 0) == b.attrs.get("transB", 0)
     if a.op == "Conv":
         return a.attrs.get("group", 1) == b.attrs.get("group", 1)
-    if a.op == "ConvTranspose":  # the same matrices, and the same output positions for an input size
+    if a.op in ("ConvTranspose",) + RECURRENT_OPS:  # the same matrices, and the same columns for an input
         return a.attrs == b.attrs
     return True
 
@@ -380,6 +435,15 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
                     continue  # a Gather on computed data (shapes, activations): not a candidate
             if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating) or table.size < 2:
                 continue
+        elif node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+            if len(node.input) < 3 or not node.input[1] or not node.input[2]:
+                skipped.append(Skipped(name, node.op_type, f"malformed {node.op_type}"))
+                continue
+            for cons, wname in _recurrent_consumers(ix, idx, shapes):
+                if wname not in by_weight:
+                    order.append(wname)
+                by_weight[wname].append(cons)
+            continue
         elif node.op_type not in LAYER_OPS or (node.domain not in ("", "ai.onnx")):
             continue
         cons, wname, reason = _consumer(ix, idx, shapes)
@@ -411,7 +475,7 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"weight has non-float type {value.dtype}"))
             continue
-        expected_rank = {"Gemm": 2, "MatMul": 2, "Gather": 2}.get(first.op)
+        expected_rank = {"Gemm": 2, "MatMul": 2, "Gather": 2, "LSTM": 3, "GRU": 3, "RNN": 3}.get(first.op)
         if (expected_rank and value.ndim != expected_rank) or (first.op in ("Conv", "ConvTranspose") and value.ndim < 3):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"constant weight of rank {value.ndim} (batched weights are not supported)"))
@@ -444,6 +508,12 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"ConvTranspose input channels {value.shape[0]} not divisible by group {g}"))
             continue
+        if first.op in RECURRENT_OPS:
+            why = _recurrent_problem(first.layout, value.shape)
+            if why:
+                for c in consumers:
+                    skipped.append(Skipped(c.node_name, c.op, why))
+                continue
         along = [source] + [ix.node(s.node_index).output[0] for s in chain[:-1]]
         exclusive = not chain or all(ix.use_count(t) == 1 for t in along)
         layers.append(Layer(first.node_name, first.op, wname, source, kind, chain, value, consumers, g, r, cc,
