@@ -839,3 +839,197 @@ class _Recurrent(OpLayout):
 
 for _op in _GATES:
     adapter(_op)(dataclass(frozen=True)(type(f"{_op}Layout", (_Recurrent,), {"__module__": __name__})))
+
+
+@dataclass(frozen=True)
+class EinsumTerms:
+    """An Einsum equation read as a product of an activation X with a constant W (see :func:`einsum_terms`)."""
+
+    x: tuple[str, ...]  # X's labels, "..." for an ellipsis
+    w: tuple[str, ...]
+    out: tuple[str, ...]
+    k: str  # contracted: in X and W, not in the output (the columns)
+    n: str  # W's output label (the rows)
+    g: str | None  # in X, W and the output: one matrix per value (the groups)
+
+
+def einsum_terms(equation: str, w_input: int) -> EinsumTerms | str:
+    """The terms of an Einsum whose operand ``w_input`` (0 or 1) is the constant W, or why the equation is not a
+    plain (batched) matrix product of X with W: exactly one contracted label, exactly one label of W in the output
+    besides an optional one shared by X, W and the output (groups: "bhd,hdk->bhk"), no label summed within one
+    operand, no repeated label, no ellipsis in W."""
+    eq = equation.replace(" ", "")
+    if eq.count("->") > 1:
+        return f"malformed Einsum equation {equation!r}"
+    lhs, _, rhs = eq.partition("->")
+    ops = lhs.split(",")
+    if len(ops) != 2:
+        return f"Einsum with {len(ops)} operands"
+
+    def labels(s: str) -> list[str] | None:
+        out, i = [], 0
+        while i < len(s):
+            if s.startswith("...", i):
+                out.append("...")
+                i += 3
+            elif s[i].isalpha():
+                out.append(s[i])
+                i += 1
+            else:
+                return None
+        return out
+
+    sx, sw = labels(ops[1 - w_input]), labels(ops[w_input])
+    if sx is None or sw is None:
+        return f"malformed Einsum equation {equation!r}"
+    if "->" in eq:
+        so = labels(rhs)
+        if so is None:
+            return f"malformed Einsum equation {equation!r}"
+    else:  # implicit output: the labels seen once, in alphabetical order, after any ellipsis
+        seen = sx + sw
+        so = (["..."] if "..." in seen else []) + sorted(lb for lb in set(seen) if lb != "..." and seen.count(lb) == 1)
+    if "..." in sw:
+        return "Einsum with an ellipsis in the constant operand"
+    for s in (sx, sw, so):
+        if len(set(s)) != len(s):
+            return "Einsum with a repeated label (a diagonal or trace)"
+    xs, ws, os_ = set(sx), set(sw), set(so)
+    if ("..." in xs) != ("..." in os_):
+        return "Einsum summing over an ellipsis"
+    summed_alone = (xs - ws - os_) | (ws - xs - os_)
+    if summed_alone:
+        return f"Einsum summing label(s) {', '.join(sorted(summed_alone))} within one operand"
+    k = sorted((xs & ws) - os_)
+    g = sorted(xs & ws & os_)
+    n = sorted((ws - xs) & os_)
+    if len(k) != 1 or len(n) != 1 or len(g) > 1:
+        return (f"Einsum {equation!r} is not a plain matrix product with the constant (it needs one contracted "
+                f"label, one output label of the constant and at most one shared batch label; found "
+                f"{len(k)}, {len(n)}, {len(g)})")
+    return EinsumTerms(tuple(sx), tuple(sw), tuple(so), k[0], n[0], g[0] if g else None)
+
+
+@adapter("Einsum")
+@dataclass(frozen=True)
+class EinsumLayout(OpLayout):
+    """Einsum of an activation X with a constant W that is a (batched) matrix product: W's output label n are
+    the rows, the contracted label k the columns, a label g shared by X, W and the output makes one matrix per
+    value of g (groups, e.g. "bhd,hdk->bhk": head h multiplies X[:, h, :] by its own W[h]). X's other labels
+    (and an ellipsis) are positions: the columns of the Hessian are X's k-vectors at every position (of group g).
+    ``attrs``: ``equation`` and ``w_input`` (which operand is the constant)."""
+
+    @property
+    def terms(self) -> EinsumTerms:
+        t = einsum_terms(self.attrs["equation"], self.attrs.get("w_input", 1))
+        if isinstance(t, str):
+            raise ValueError(t)
+        return t
+
+    @property
+    def weight_input(self):
+        return int(self.attrs.get("w_input", 1))
+
+    def _gdim(self, weight_shape) -> int:
+        t = self.terms
+        return int(weight_shape[t.w.index(t.g)]) if t.g else 1
+
+    def groups(self, weight_shape):
+        return self._gdim(weight_shape)
+
+    def matrix_shape(self, weight_shape):
+        t = self.terms
+        return self._gdim(weight_shape), int(weight_shape[t.w.index(t.n)]), int(weight_shape[t.w.index(t.k)])
+
+    def _perm(self) -> list[int]:
+        t = self.terms
+        return ([t.w.index(t.g)] if t.g else []) + [t.w.index(t.n), t.w.index(t.k)]
+
+    def to_matrices(self, w):
+        g, r, c = self.matrix_shape(w.shape)
+        return np.ascontiguousarray(np.transpose(w, self._perm()).reshape(g, r, c))
+
+    def from_matrices(self, mats, weight_shape):
+        perm = self._perm()
+        shaped = np.asarray(mats).reshape([weight_shape[a] for a in perm])
+        return np.ascontiguousarray(np.transpose(shaped, np.argsort(perm)))
+
+    def out_axis(self):
+        return self.terms.w.index(self.terms.n)
+
+    def fan_in_axis(self):
+        return self.terms.w.index(self.terms.k)
+
+    def qdq_split(self, weight_shape):
+        t = self.terms
+        g = self._gdim(weight_shape)
+        return (g, t.w.index(t.g)) if t.g and g > 1 else None
+
+    def _x_axes(self, ndim: int) -> list[str]:
+        """X's label per axis, an ellipsis expanded to "...0", "...1", ..."""
+        sx = self.terms.x
+        if "..." not in sx:
+            return list(sx)
+        e = ndim - (len(sx) - 1)
+        i = sx.index("...")
+        return list(sx[:i]) + [f"...{j}" for j in range(max(e, 0))] + list(sx[i + 1:])
+
+    def _out_axes(self, ndim: int) -> list[str]:
+        so = self.terms.out
+        if "..." not in so:
+            return list(so)
+        e = ndim - (len(so) - 1)
+        i = so.index("...")
+        return list(so[:i]) + [f"...{j}" for j in range(max(e, 0))] + list(so[i + 1:])
+
+    @property
+    def rows_are_samples(self):
+        t = self.terms
+        return t.x[0] not in (t.k, t.g)
+
+    @property
+    def token_inputs(self):
+        return False
+
+    def position_dims(self, output_shape):
+        """The output's dims of X's own labels, but X's first axis (the samples)."""
+        t = self.terms
+        axes = self._out_axes(len(output_shape))
+        first = self._x_axes(len(output_shape))[0] if "..." in t.x else t.x[0]
+        return [output_shape[i] for i, lb in enumerate(axes) if lb not in (t.n, t.g, first)]
+
+    def input_problem(self, x_shape, weight_shape):
+        t = self.terms
+        axes = self._x_axes(len(x_shape))
+        if len(axes) != len(x_shape) or ("..." in t.x and len(x_shape) < len(t.x) - 1):
+            return f"input has rank {len(x_shape)}, the equation {self.attrs['equation']!r} expects {len(t.x)}"
+        if x_shape[axes.index(t.k)] != weight_shape[t.w.index(t.k)]:
+            return f"input has {x_shape[axes.index(t.k)]} along '{t.k}', the weight {weight_shape[t.w.index(t.k)]}"
+        if t.g and x_shape[axes.index(t.g)] != weight_shape[t.w.index(t.g)]:
+            return f"input has {x_shape[axes.index(t.g)]} along '{t.g}', the weight {weight_shape[t.w.index(t.g)]}"
+        return None
+
+    def positions_per_sample(self, x_shape, weight_shape):
+        t = self.terms
+        axes = self._x_axes(len(x_shape))
+        skip = {t.k, t.g} | ({axes[0]} if self.rows_are_samples else set())
+        return int(np.prod([d for lb, d in zip(axes, x_shape) if lb not in skip] or [1]))
+
+    def count_columns(self, x_shape, weight_shape, **aux):
+        t = self.terms
+        axes = self._x_axes(len(x_shape))
+        return int(np.prod([d for lb, d in zip(axes, x_shape) if lb not in (t.k, t.g)] or [1]))
+
+    def unfold(self, x, weight_shape):
+        t = self.terms
+        x = np.asarray(x, dtype=np.float64)
+        axes = self._x_axes(x.ndim)
+        pos = [i for i, lb in enumerate(axes) if lb not in (t.k, t.g)]
+        order = pos + ([axes.index(t.g)] if t.g else []) + [axes.index(t.k)]
+        g, _, c = self.matrix_shape(weight_shape)
+        cols = np.transpose(x, order).reshape(-1, g, c)  # (positions, groups, K)
+        return np.ascontiguousarray(cols.transpose(1, 2, 0))
+
+    def gram(self, x, weight_shape, *, dtype=None):
+        cols = self.unfold(x, weight_shape)
+        return cols @ cols.transpose(0, 2, 1), int(cols.shape[-1])

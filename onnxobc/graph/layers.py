@@ -27,7 +27,8 @@ QUANTIZED_OPS = {
 }
 CHAIN_OPS = ("Identity", "Transpose", "Reshape", "Cast")
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # two layers per node: W (input weights) and R (recurrent weights)
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+EINSUM_OPS = ("Einsum",)  # a (batched) matrix product with one constant operand  # two layers per node: W (input weights) and R (recurrent weights)
 LOOKUP_OPS = ("Gather",)  # a constant 2-D float table read by row (embeddings); other Gathers are not candidates
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
@@ -348,6 +349,33 @@ def _recurrent_consumers(ix: GraphIndex, idx: int, shapes: dict) -> list[tuple[C
     return found
 
 
+def _einsum_consumer(ix: GraphIndex, idx: int, shapes: dict) -> tuple[Consumer | None, str | None, str | None]:
+    """(consumer, weight tensor, skip reason) of an Einsum: which operand is constant decides the weight."""
+    from .adapters import einsum_terms
+
+    node = ix.node(idx)
+    name = _node_name(node, idx)
+    eq = _attrs(node).get("equation", b"")
+    eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+    if len(node.input) != 2:
+        return None, None, f"Einsum with {len(node.input)} operands"
+    const = []
+    for k in (0, 1):
+        try:
+            _resolve_weight(ix, node.input[k])
+            const.append(k)
+        except _Unresolved:
+            pass
+    if len(const) != 1:
+        return None, None, ("Einsum of two activations" if not const else "Einsum of two constants")
+    terms = einsum_terms(eq, const[0])
+    if isinstance(terms, str):
+        return None, None, terms
+    layout = OpLayout("Einsum", {"equation": eq, "w_input": const[0]})
+    out = node.output[0]
+    return Consumer(name, idx, "Einsum", node.input[1 - const[0]], layout, out, shapes.get(out)), node.input[const[0]], None
+
+
 def _recurrent_problem(layout: OpLayout, shape: tuple) -> str | None:
     """Why a recurrent weight of this shape cannot be compressed (None: it can)."""
     gates = layout.gates()
@@ -402,7 +430,7 @@ def _compatible(a: OpLayout, b: OpLayout) -> bool:
         return a.attrs.get("transB", 0) == b.attrs.get("transB", 0)
     if a.op == "Conv":
         return a.attrs.get("group", 1) == b.attrs.get("group", 1)
-    if a.op in ("ConvTranspose",) + RECURRENT_OPS:  # the same matrices, and the same columns for an input
+    if a.op in ("ConvTranspose",) + RECURRENT_OPS + EINSUM_OPS:  # the same matrices, and the same columns for an input
         return a.attrs == b.attrs
     return True
 
@@ -444,9 +472,12 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
                     order.append(wname)
                 by_weight[wname].append(cons)
             continue
-        elif node.op_type not in LAYER_OPS or (node.domain not in ("", "ai.onnx")):
+        elif node.op_type not in LAYER_OPS + EINSUM_OPS or (node.domain not in ("", "ai.onnx")):
             continue
-        cons, wname, reason = _consumer(ix, idx, shapes)
+        if node.op_type in EINSUM_OPS:
+            cons, wname, reason = _einsum_consumer(ix, idx, shapes)
+        else:
+            cons, wname, reason = _consumer(ix, idx, shapes)
         if cons is None:
             skipped.append(Skipped(name, node.op_type, reason or "unsupported"))
             continue
@@ -507,6 +538,11 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         if first.op == "ConvTranspose" and (value.shape[0] % g):
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"ConvTranspose input channels {value.shape[0]} not divisible by group {g}"))
+            continue
+        if first.op in EINSUM_OPS and value.ndim != len(first.layout.terms.w):
+            for c in consumers:
+                skipped.append(Skipped(c.node_name, c.op, f"Einsum constant of rank {value.ndim}, the equation "
+                                       f"gives it {len(first.layout.terms.w)} labels"))
             continue
         if first.op in RECURRENT_OPS:
             why = _recurrent_problem(first.layout, value.shape)
