@@ -317,9 +317,17 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
     return LayerReport(
         name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
         method="dense" if res.dense else config.spec_label(res.spec if layer.layout.hessian_free else spec), sparsity=float(np.mean(w_new == 0)),
-        bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, note=res.note, written=written,
+        bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, written=written,
+        note="; ".join(filter(None, [res.note, _storage_note(layer, applied, opts)])),
         notes=[asdict(n) for n in res.notes], cost=asdict(cost), solver=res.solver,
     )
+
+
+def _storage_note(layer: Layer, applied: LayerSpec | None, opts: ExportOptions) -> str | None:
+    """Why a quantized layer asked for as QDQ is stored as float fake-quant (None: it is not)."""
+    why = layer.layout.qdq_problem(layer.weight.shape) if (applied is not None and applied.bits is not None
+                                                          and opts.qdq) else None
+    return f"stored as float fake-quant: {why}" if why else None
 
 
 def _total(values: list) -> float | None:

@@ -17,9 +17,10 @@ CASES = {
     "fd,...d->...f": (["N", 6, 12], (10, 12), 0),
     "bhd,hdk->bhk": (["N", 3, 12], (3, 12, 6), 1),
     "bij,jk": (["N", 5, 12], (12, 8), 1),  # implicit output: bik
-    "hkd,bsd->bshk": (["N", 4, 12], (2, 6, 12), 0),  # two output labels of W: not a plain product
+    "hkd,bsd->bshk": (["N", 4, 12], (2, 6, 12), 0),  # two output labels of W (Keras EinsumDense to heads)
+    "bshd,hdk->bsk": (["N", 4, 3, 4], (3, 4, 8), 1),  # two contracted labels (heads back to the model dim)
 }
-PLAIN = [k for k in CASES if k != "hkd,bsd->bshk"]
+PLAIN = list(CASES)
 
 
 def einsum_model(eq, seed=0, opset=17):
@@ -57,19 +58,23 @@ def test_found_and_skipped_with_reasons():
         assert layer.op == "Einsum" and layer.name == "ein"
     lay = find_layers(einsum_model("bhd,hdk->bhk"))[0][0]
     assert (lay.groups, lay.rows, lay.cols) == (3, 6, 12)
-    layers, skipped = find_layers(einsum_model("hkd,bsd->bshk"))
-    assert not layers and "not a plain matrix product" in skipped[0].reason
+    lay = find_layers(einsum_model("hkd,bsd->bshk"))[0][0]
+    assert (lay.groups, lay.rows, lay.cols) == (1, 12, 12)
+    lay = find_layers(einsum_model("bshd,hdk->bsk"))[0][0]
+    assert (lay.groups, lay.rows, lay.cols) == (1, 8, 12)
     # two activations (attention scores): skipped with the reason
     g = helper.make_graph([helper.make_node("Einsum", ["A", "B"], ["Y"], name="qk", equation="bid,bjd->bij")], "g",
                           [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N", 4, 8]) for k in "AB"],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
     layers, skipped = find_layers(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert not layers and skipped[0].reason == "Einsum of two activations"
-    for eq, why in [("bii,ij->bj", "repeated label"), ("bij,jk->b", "within one operand")]:
+    for eq, why in [("bii,ij->bj", "repeated label"), ("bij,jk->b", "within one operand"),
+                    ("bij,ij->bij", "not a matrix product"), ("bij,ijk->bijk", "not a matrix product")]:
+        wshape = (4,) * (len(eq.split(",")[1].split("-")[0]))
         g = helper.make_graph([helper.make_node("Einsum", ["X", "W"], ["Y"], name="e", equation=eq)], "g",
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4, 4])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ones((4, 4), np.float32), "W")])
+                              [numpy_helper.from_array(np.ones(wshape, np.float32), "W")])
         layers, skipped = find_layers(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
         assert not layers and why in skipped[0].reason, skipped
 
@@ -86,7 +91,7 @@ def test_columns_times_matrices_reproduce_numpy_einsum(eq):
     t = layer.layout.terms
     # the einsum output brought to (groups, rows, positions) independently: move g and n to the front
     out_labels = layer.layout._out_axes(y.ndim)
-    front = ([out_labels.index(t.g)] if t.g else []) + [out_labels.index(t.n)]
+    front = ([out_labels.index(t.g)] if t.g else []) + [out_labels.index(lb) for lb in t.n]
     rest = [i for i in range(y.ndim) if i not in front]
     want = np.transpose(y, front + rest).reshape(layer.groups, layer.rows, -1)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -103,14 +108,14 @@ def test_hessian_equals_numpy(eq):
     xs = np.concatenate([f["X"] for f in feeds]).astype(np.float64)
     if eq == "bhd,hdk->bhk":
         want = np.einsum("bhk,bhl->hkl", xs, xs)
-    else:
+    else:  # the contracted labels are X's last ones in every other case (flattened in W's order = X's order)
         flat = xs.reshape(-1, 12)
         want = (flat.T @ flat)[None]
     np.testing.assert_allclose(st.xtx, want, rtol=1e-6, atol=1e-6)
     assert st.samples == 9 and st.columns == xs.size // 12 // (3 if eq == "bhd,hdk->bhk" else 1)
 
 
-@pytest.mark.parametrize("eq", ["bij,jk->bik", "fd,...d->...f", "bhd,hdk->bhk"])
+@pytest.mark.parametrize("eq", ["bij,jk->bik", "fd,...d->...f", "bhd,hdk->bhk", "bshd,hdk->bsk"])
 def test_exact_and_obq_end_to_end(eq):
     m = einsum_model(eq)
     feeds = [feed(eq, 16, seed=3)]
@@ -163,3 +168,17 @@ def test_macs():
     m = einsum_model("...d,fd->...f")
     (rep,) = compress(m, None, [feed("...d,fd->...f", 8)], CompressConfig(method="rtn", bits=8)).layers
     assert rep.macs == 3 * 4 * 10 * 12
+
+
+def test_qdq_with_several_output_labels_is_float_with_the_reason():
+    eq = "hkd,bsd->bshk"
+    m = einsum_model(eq)
+    feeds = [feed(eq, 8, seed=5)]
+    fake = compress(m, None, feeds, CompressConfig(bits=8)).extra["model"]
+    r = compress(m, None, feeds, CompressConfig(bits=8, qdq=True))
+    out = r.extra["model"]
+    assert not [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert "stored as float fake-quant" in r.layers[0].note and "float fake-quant" in r.layers[0].written
+    w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W"))
+    np.testing.assert_array_equal(w, numpy_helper.to_array(next(t for t in fake.graph.initializer if t.name == "W")))
+    assert r.layers[0].cost["bytes"] == w.size * 4 and r.layers[0].cost["storage"] == "float"

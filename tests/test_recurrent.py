@@ -273,8 +273,8 @@ def test_exact_and_obq_end_to_end_beat_the_baselines(op):
     assert res["obq4"][1] < 0.15 and res["exact50"][1] < 0.7, res
 
 
-@pytest.mark.parametrize("case", [dict(op="LSTM"), dict(op="GRU", direction="forward"), dict(op="RNN")],
-                         ids=["lstm-bi", "gru-fwd", "rnn-bi"])
+@pytest.mark.parametrize("case", [dict(op="LSTM"), dict(op="GRU", direction="forward"), dict(op="GRU"),
+                                  dict(op="RNN")], ids=["lstm-bi", "gru-fwd", "gru-bi", "rnn-bi"])
 @pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, method="rtn", sym=True), dict(bits=4, group_size=3)],
                          ids=["obq8", "rtn4sym", "g3"])
 def test_qdq_storage_equals_the_solved_weight(case, cfg):

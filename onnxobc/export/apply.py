@@ -40,7 +40,7 @@ def storage_format(layer: Layer, bits: int | None, opts: ExportOptions) -> str:
     if bits is not None and opts.matmulnbits and layer.layout.matmulnbits and storage_bits(bits) == 4:
         return "matmulnbits"
     if bits is not None and opts.qdq:
-        return "qdq"
+        return "float" if layer.layout.qdq_problem(layer.weight.shape) else "qdq"
     return "float"
 
 
@@ -77,6 +77,9 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
             written[layer.name] = f"QDQ {add_qdq_weight(edit, layer, w_new, grid)}"
         else:
             written[layer.name] = write_back(edit, layer, w_new)
+            why = layer.layout.qdq_problem(layer.weight.shape) if (grid is not None and opts.qdq) else None
+            if why:
+                written[layer.name] += f" (float fake-quant: {why})"
     edit.finish()
     out = Written(written)
     if correct is not None:

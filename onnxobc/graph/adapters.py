@@ -158,6 +158,10 @@ class OpLayout:
         """Whether W8A8 may quantize the node's input (False where the weight's input is not a graph tensor)."""
         return True
 
+    def qdq_problem(self, weight_shape: tuple[int, ...]) -> str | None:
+        """Why QDQ cannot store this weight (None: it can); the weight is then written as float fake-quant."""
+        return None
+
 
 @adapter("Gemm")
 @dataclass(frozen=True)
@@ -848,16 +852,16 @@ class EinsumTerms:
     x: tuple[str, ...]  # X's labels, "..." for an ellipsis
     w: tuple[str, ...]
     out: tuple[str, ...]
-    k: str  # contracted: in X and W, not in the output (the columns)
-    n: str  # W's output label (the rows)
+    k: tuple[str, ...]  # contracted: in X and W, not in the output (the columns), in W's order
+    n: tuple[str, ...]  # W's labels in the output, not in X (the rows), in W's order
     g: str | None  # in X, W and the output: one matrix per value (the groups)
 
 
 def einsum_terms(equation: str, w_input: int) -> EinsumTerms | str:
     """The terms of an Einsum whose operand ``w_input`` (0 or 1) is the constant W, or why the equation is not a
-    plain (batched) matrix product of X with W: exactly one contracted label, exactly one label of W in the output
-    besides an optional one shared by X, W and the output (groups: "bhd,hdk->bhk"), no label summed within one
-    operand, no repeated label, no ellipsis in W."""
+    plain (batched) matrix product of X with W: at least one contracted label and one label of W in the output,
+    at most one label shared by X, W and the output (groups: "bhd,hdk->bhk"), no label summed within one operand,
+    no repeated label, no ellipsis in W."""
     eq = equation.replace(" ", "")
     if eq.count("->") > 1:
         return f"malformed Einsum equation {equation!r}"
@@ -900,24 +904,26 @@ def einsum_terms(equation: str, w_input: int) -> EinsumTerms | str:
     summed_alone = (xs - ws - os_) | (ws - xs - os_)
     if summed_alone:
         return f"Einsum summing label(s) {', '.join(sorted(summed_alone))} within one operand"
-    k = sorted((xs & ws) - os_)
-    g = sorted(xs & ws & os_)
-    n = sorted((ws - xs) & os_)
-    if len(k) != 1 or len(n) != 1 or len(g) > 1:
-        return (f"Einsum {equation!r} is not a plain matrix product with the constant (it needs one contracted "
-                f"label, one output label of the constant and at most one shared batch label; found "
-                f"{len(k)}, {len(n)}, {len(g)})")
-    return EinsumTerms(tuple(sx), tuple(sw), tuple(so), k[0], n[0], g[0] if g else None)
+    k = tuple(lb for lb in sw if lb in xs and lb not in os_)
+    g = [lb for lb in sw if lb in xs and lb in os_]
+    n = tuple(lb for lb in sw if lb not in xs and lb in os_)
+    if not k or not n or len(g) > 1:
+        return (f"Einsum {equation!r} is not a matrix product with the constant (it needs a contracted label, an "
+                f"output label of the constant and at most one shared batch label; found {len(k)}, {len(n)}, "
+                f"{len(g)})")
+    return EinsumTerms(tuple(sx), tuple(sw), tuple(so), k, n, g[0] if g else None)
 
 
 @adapter("Einsum")
 @dataclass(frozen=True)
 class EinsumLayout(OpLayout):
-    """Einsum of an activation X with a constant W that is a (batched) matrix product: W's output label n are
-    the rows, the contracted label k the columns, a label g shared by X, W and the output makes one matrix per
-    value of g (groups, e.g. "bhd,hdk->bhk": head h multiplies X[:, h, :] by its own W[h]). X's other labels
-    (and an ellipsis) are positions: the columns of the Hessian are X's k-vectors at every position (of group g).
-    ``attrs``: ``equation`` and ``w_input`` (which operand is the constant)."""
+    """Einsum of an activation X with a constant W that is a (batched) matrix product: W's labels in the output
+    (n) are the rows, the contracted labels (k) the columns (both flattened in W's order), a label g shared by X,
+    W and the output makes one matrix per value of g (groups, e.g. "bhd,hdk->bhk": head h multiplies X[:, h, :]
+    by its own W[h]). X's other labels (and an ellipsis) are positions: the columns of the Hessian are X's
+    k-vectors at every position (of group g). ``attrs``: ``equation`` and ``w_input`` (which operand is the
+    constant). QDQ needs a single n and a single k label (the DequantizeLinear's channel and block axes); with
+    several the weight is stored as float fake-quant (:meth:`qdq_problem`)."""
 
     @property
     def terms(self) -> EinsumTerms:
@@ -934,16 +940,19 @@ class EinsumLayout(OpLayout):
         t = self.terms
         return int(weight_shape[t.w.index(t.g)]) if t.g else 1
 
+    def _size(self, labels, weight_shape) -> int:
+        return int(np.prod([weight_shape[self.terms.w.index(lb)] for lb in labels]))
+
     def groups(self, weight_shape):
         return self._gdim(weight_shape)
 
     def matrix_shape(self, weight_shape):
         t = self.terms
-        return self._gdim(weight_shape), int(weight_shape[t.w.index(t.n)]), int(weight_shape[t.w.index(t.k)])
+        return self._gdim(weight_shape), self._size(t.n, weight_shape), self._size(t.k, weight_shape)
 
     def _perm(self) -> list[int]:
         t = self.terms
-        return ([t.w.index(t.g)] if t.g else []) + [t.w.index(t.n), t.w.index(t.k)]
+        return ([t.w.index(t.g)] if t.g else []) + [t.w.index(lb) for lb in t.n + t.k]
 
     def to_matrices(self, w):
         g, r, c = self.matrix_shape(w.shape)
@@ -954,11 +963,28 @@ class EinsumLayout(OpLayout):
         shaped = np.asarray(mats).reshape([weight_shape[a] for a in perm])
         return np.ascontiguousarray(np.transpose(shaped, np.argsort(perm)))
 
+    def qdq_problem(self, weight_shape):
+        t = self.terms
+        if len(t.n) > 1 or len(t.k) > 1:
+            return (f"the Einsum's constant has {len(t.n)} output and {len(t.k)} contracted labels: "
+                    "DequantizeLinear has one channel axis")
+        return None
+
     def out_axis(self):
-        return self.terms.w.index(self.terms.n)
+        return self.terms.w.index(self.terms.n[0])
 
     def fan_in_axis(self):
-        return self.terms.w.index(self.terms.k)
+        return self.terms.w.index(self.terms.k[-1])
+
+    def group_size_problem(self, weight_shape, group_size):
+        why = super().group_size_problem(weight_shape, group_size)
+        if why or len(self.terms.k) == 1:
+            return why
+        inner = int(weight_shape[self.fan_in_axis()])
+        if inner % group_size:
+            return (f"group_size {group_size} does not divide the Einsum's innermost contracted dim {inner} (a block "
+                    "cannot straddle two contracted labels)")
+        return None
 
     def qdq_split(self, weight_shape):
         t = self.terms
@@ -967,25 +993,25 @@ class EinsumLayout(OpLayout):
 
     def _x_axes(self, ndim: int) -> list[str]:
         """X's label per axis, an ellipsis expanded to "...0", "...1", ..."""
-        sx = self.terms.x
-        if "..." not in sx:
-            return list(sx)
-        e = ndim - (len(sx) - 1)
-        i = sx.index("...")
-        return list(sx[:i]) + [f"...{j}" for j in range(max(e, 0))] + list(sx[i + 1:])
+        return self._expand(self.terms.x, ndim)
 
     def _out_axes(self, ndim: int) -> list[str]:
-        so = self.terms.out
-        if "..." not in so:
-            return list(so)
-        e = ndim - (len(so) - 1)
-        i = so.index("...")
-        return list(so[:i]) + [f"...{j}" for j in range(max(e, 0))] + list(so[i + 1:])
+        return self._expand(self.terms.out, ndim)
+
+    @staticmethod
+    def _expand(labels, ndim: int) -> list[str]:
+        if "..." not in labels:
+            return list(labels)
+        i = labels.index("...")
+        return list(labels[:i]) + [f"...{j}" for j in range(max(ndim - (len(labels) - 1), 0))] + list(labels[i + 1:])
+
+    def _not_pos(self) -> set:
+        t = self.terms
+        return set(t.k) | ({t.g} if t.g else set())
 
     @property
     def rows_are_samples(self):
-        t = self.terms
-        return t.x[0] not in (t.k, t.g)
+        return self.terms.x[0] not in self._not_pos()
 
     @property
     def token_inputs(self):
@@ -996,38 +1022,36 @@ class EinsumLayout(OpLayout):
         t = self.terms
         axes = self._out_axes(len(output_shape))
         first = self._x_axes(len(output_shape))[0] if "..." in t.x else t.x[0]
-        return [output_shape[i] for i, lb in enumerate(axes) if lb not in (t.n, t.g, first)]
+        skip = set(t.n) | {t.g, first}
+        return [output_shape[i] for i, lb in enumerate(axes) if lb not in skip]
 
     def input_problem(self, x_shape, weight_shape):
         t = self.terms
         axes = self._x_axes(len(x_shape))
         if len(axes) != len(x_shape) or ("..." in t.x and len(x_shape) < len(t.x) - 1):
             return f"input has rank {len(x_shape)}, the equation {self.attrs['equation']!r} expects {len(t.x)}"
-        if x_shape[axes.index(t.k)] != weight_shape[t.w.index(t.k)]:
-            return f"input has {x_shape[axes.index(t.k)]} along '{t.k}', the weight {weight_shape[t.w.index(t.k)]}"
-        if t.g and x_shape[axes.index(t.g)] != weight_shape[t.w.index(t.g)]:
-            return f"input has {x_shape[axes.index(t.g)]} along '{t.g}', the weight {weight_shape[t.w.index(t.g)]}"
+        for lb in t.k + ((t.g,) if t.g else ()):
+            if x_shape[axes.index(lb)] != weight_shape[t.w.index(lb)]:
+                return f"input has {x_shape[axes.index(lb)]} along '{lb}', the weight {weight_shape[t.w.index(lb)]}"
         return None
 
     def positions_per_sample(self, x_shape, weight_shape):
-        t = self.terms
         axes = self._x_axes(len(x_shape))
-        skip = {t.k, t.g} | ({axes[0]} if self.rows_are_samples else set())
+        skip = self._not_pos() | ({axes[0]} if self.rows_are_samples else set())
         return int(np.prod([d for lb, d in zip(axes, x_shape) if lb not in skip] or [1]))
 
     def count_columns(self, x_shape, weight_shape, **aux):
-        t = self.terms
         axes = self._x_axes(len(x_shape))
-        return int(np.prod([d for lb, d in zip(axes, x_shape) if lb not in (t.k, t.g)] or [1]))
+        return int(np.prod([d for lb, d in zip(axes, x_shape) if lb not in self._not_pos()] or [1]))
 
     def unfold(self, x, weight_shape):
         t = self.terms
         x = np.asarray(x, dtype=np.float64)
         axes = self._x_axes(x.ndim)
-        pos = [i for i, lb in enumerate(axes) if lb not in (t.k, t.g)]
-        order = pos + ([axes.index(t.g)] if t.g else []) + [axes.index(t.k)]
+        pos = [i for i, lb in enumerate(axes) if lb not in self._not_pos()]
+        order = pos + ([axes.index(t.g)] if t.g else []) + [axes.index(lb) for lb in t.k]
         g, _, c = self.matrix_shape(weight_shape)
-        cols = np.transpose(x, order).reshape(-1, g, c)  # (positions, groups, K)
+        cols = np.transpose(x, order).reshape(-1, g, c)  # (positions, groups, K), K in W's order of the k labels
         return np.ascontiguousarray(cols.transpose(1, 2, 0))
 
     def gram(self, x, weight_shape, *, dtype=None):

@@ -451,7 +451,7 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         if node.op_type in SUBGRAPH_OPS:
             for sg in _subgraphs(node):
                 for sub in _walk(sg):
-                    if sub.op_type in LAYER_OPS:
+                    if sub.op_type in LAYER_OPS + RECURRENT_OPS + EINSUM_OPS:
                         skipped.append(Skipped(sub.name or sub.op_type, sub.op_type, f"inside a subgraph of {node.op_type} '{name}'"))
             continue
         if node.op_type in LOOKUP_OPS and node.domain in ("", "ai.onnx") and len(node.input) == 2:
