@@ -95,6 +95,7 @@ def main() -> None:
     xt, truth = render(args.test, seed=2)
     calib = os.path.join(args.out, "calib.npz")
     np.savez(calib, input1=xc)
+    np.savez(os.path.join(args.out, "test.npz"), input1=xt)  # for onnxobc eval (--batch-axis input1=0 --batch-size 1)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     dense_out = run_all(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]), xt)
