@@ -302,7 +302,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable_outputs({"--json": json_path}, args.force, [args.reference, args.candidate, args.data])
     res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
                    batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
-                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args), slices=args.slice)
+                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args), slices=args.slice,
+                   token_mask=args.token_mask)
     if not args.quiet:
         print(f"{res.samples} samples in {res.batches} batches from {res.data}"
               + (f"; labels '{res.labels}' on output '{res.label_output}'" if res.labels else ""))
@@ -316,6 +317,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            right={1, 2, 3, 4, 5, 6, 7}))
         for s in res.skipped_outputs:
             print(f"not compared: {s['name']} ({s['reason']})")
+        if res.token_mask:
+            print(f"[real tokens]: the positions where '{res.token_mask}' is non-zero, each token one sample "
+                  f"(padding is left out of calibration; --token-mask none drops these rows)")
         line = (f"size: reference {_fmt_bytes(res.reference_bytes)}, candidate {_fmt_bytes(res.candidate_bytes)} "
                 f"({res.candidate_bytes / max(res.reference_bytes, 1):.1%})")
         if res.latency_ms:
@@ -421,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--slice", action="append", metavar="NAME:AXIS:START:STOP",
                     help="also report the part START:STOP along AXIS of output NAME on its own row (repeatable), e.g. "
                          "a detector's class scores (output0:2:5:85) apart from its box coordinates (output0:2:0:4)")
+    pe.add_argument("--token-mask", default="auto", metavar="INPUT",
+                    help="[batch, sequence] input marking real tokens (non-zero) and padding (0): outputs of shape "
+                         "[batch, sequence, ...] get a second row over the real tokens only. Default 'auto': an "
+                         "integer input named attention_mask; 'none' to turn off")
     pe.add_argument("--latency-runs", type=int, default=20, metavar="R",
                     help="timed runs per model on the first batch, after a warm-up run (default 20; 0 skips timing)")
     pe.add_argument("--json", metavar="FILE", help="also write the results as JSON (non-finite numbers as \"inf\")")
