@@ -16,7 +16,6 @@ put them back by key in their own order, so the output never depends on where or
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -160,22 +159,26 @@ class RayExecutor:
     """Solve every job as a Ray task and yield the results as they finish (see the module docstring).
 
     ``address``: a running cluster (``ray.init(address=...)``); None: reuse the Ray this process is already
-    connected to, else start a local one with ``num_cpus`` (default: the CPUs this process may use) and shut it
-    down on :meth:`close`."""
+    connected to, else start a local one with ``num_cpus`` (default: the CPUs this process may use). Ray is
+    started or connected on the first job (a run with nothing to solve starts none), and shut down by
+    :meth:`close` when this executor started it."""
 
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
-        ray = import_ray()
-        self.ray = ray
+        self.ray = import_ray()
+        self.address, self.num_cpus = address, num_cpus
         self.owned = False
         self.submitted: list[Hashable] = []  # keys in submission order (the last solve call's)
         self.blas = blas_thread_count()  # what a local solve here would use, for the tasks
+        if address and not self.ray.is_initialized():
+            _check_reachable(address)  # now, not after the calibration
+
+    def _connect(self) -> None:
+        ray, address = self.ray, self.address
         if ray.is_initialized():
             return
         kw: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR)
-        if address:
-            _check_reachable(address)
         try:
             if address:
                 import onnxobc
@@ -184,23 +187,27 @@ class RayExecutor:
                 kw["runtime_env"] = {"py_modules": [os.path.dirname(onnxobc.__file__)]}
                 ray.init(address=address, **kw)
             else:
-                ray.init(num_cpus=num_cpus or _usable_cpus(), include_dashboard=False, **kw)
+                ray.init(num_cpus=self.num_cpus or _usable_cpus(), include_dashboard=False, **kw)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             where = f"--ray-address {address}" if address else "a local Ray cluster"
-            raise UsageError(f"could not start or reach {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"could not start or reach {where}: {why}") from None
         self.owned = True
 
     def solve(self, jobs: Iterable[SolveJob]) -> Iterator[tuple[Hashable, Any, float]]:
         ray = self.ray
-        remote = ray.remote(_ray_task)
         items = []  # (key, cost, object ref of the job, GPUs): each job goes to the object store as it is built
         for job in jobs:
+            self._connect()
             gpus = 1 if any(s.device == "cuda" for s in job.specs) else 0
             items.append((job.key, job.cost, ray.put(job), gpus))
+        self.submitted = []
+        if not items:
+            return
         if any(g for *_, g in items) and ray.cluster_resources().get("GPU", 0) < 1:
             raise UsageError("--device cuda with --executor ray: the Ray cluster has no GPU (use --device cpu, or a "
                              "cluster with GPUs)")
-        self.submitted = []
+        remote = ray.remote(_ray_task)
         pending: dict[Any, Hashable] = {}
         for i in schedule([c for _, c, _, _ in items]):
             key, _, ref, gpus = items[i]
@@ -248,7 +255,3 @@ def executor_for(config) -> Iterator[LocalExecutor | RayExecutor]:
     finally:
         ex.close()
 
-
-def lookup_problem(problem: Problem) -> Problem:
-    """A lookup table's problem carries no Hessian."""
-    return dataclasses.replace(problem, hessian=None) if problem.hessian is not None else problem

@@ -5,6 +5,7 @@ address from a subprocess). Tests that need Ray skip cleanly where it is not ins
 the missing-Ray error are tested everywhere.
 """
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from onnxobc import CompressConfig, UsageError, compress
 from onnxobc.cli import EXIT_USAGE, main
 from onnxobc.engine.solver import AUTO_EXACT_MAX_COST, Problem
 from onnxobc.engine.spec import LayerSpec
-from onnxobc.executor import LocalExecutor, RayExecutor, SolveJob, schedule, solve_cost
+from onnxobc.executor import LocalExecutor, RayExecutor, SolveJob, _check_reachable, schedule, solve_cost
 from test_gather import _embed, _feed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,3 +179,16 @@ def test_config_options():
     assert CompressConfig(bits=4, ray_address="127.0.0.1:6379").executor == "ray"  # an address implies Ray
     with pytest.raises(ValueError, match="--executor must be 'local' or 'ray'"):
         CompressConfig(bits=4, executor="dask")
+
+
+def test_unreachable_address_is_a_usage_error_at_once():
+    with socket.socket() as sock:  # a port where nothing listens (bound, then released)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UsageError, match=f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there"):
+        _check_reachable(f"127.0.0.1:{port}")
+
+
+def test_nothing_to_solve(ray_cluster):
+    ex = RayExecutor()
+    assert list(ex.solve([])) == [] and ex.submitted == []
