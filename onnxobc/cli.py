@@ -150,7 +150,8 @@ def _config_from_args(args: argparse.Namespace):
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
-        batch_axes=_batch_axes(args), verify_data=args.verify_data,
+        batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
+        ray_address=args.ray_address,
     )
 
 
@@ -545,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for --verify (default 64; with calibration data at most those calibrated on)")
     x.add_argument("--verify-data", metavar="DATA",
                    help="verify on this held-out .npz (or folder) instead of the calibration samples (implies --verify)")
+    r = pc.add_argument_group("where the layers are solved")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: one Ray task per layer, biggest first, a GPU per task "
+                        "with --device cuda (pip install onnxobc[ray]); the output is the same byte for byte")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to use (e.g. 10.0.0.1:6379 or ray://host:10001; implies --executor ray; "
+                        "default: a local Ray started for the run)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)
