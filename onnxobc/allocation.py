@@ -170,7 +170,9 @@ def _dense_value(target: str, layer: Layer, macs: int) -> float:
 
 
 def digest_model(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
+    from .graph.model_io import model_digest
+
+    return model_digest(model)  # sha256 of the serialised model (beyond 2 GB: of its skeleton and tensors)
 
 
 def digest_data(calib: Any) -> str:
