@@ -25,7 +25,7 @@ from .errors import CalibrationError, UsageError
 from .executor import SolveJob, executor_for
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
-from .graph.model_io import model_file_bytes, validate
+from .graph.model_io import model_file_bytes, proto_bytes, validate
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
@@ -118,7 +118,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
                                                  written.layers[l.name], config) for l in todo],
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
-        input_bytes=original.ByteSize() if is_proto else model_file_bytes(model), verify=verify,
+        input_bytes=proto_bytes(original) if is_proto else model_file_bytes(model), verify=verify,
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
     )

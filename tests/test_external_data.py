@@ -168,7 +168,7 @@ def test_compress_external_in_and_out(decoder, tmp_path, monkeypatch, cfg):
     assert sorted(p.name for p in out.parent.iterdir()) == ["decoder.obc.onnx", "decoder.obc.onnx.data"]
     raw = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
-    assert out.stat().st_size < 50_000 < out.with_name("decoder.obc.onnx.data").stat().st_size
+    assert out.stat().st_size < out.with_name("decoder.obc.onnx.data").stat().st_size
     # same weights and the same outputs as the in-memory path; runs in ONNX Runtime from the file
     back = onnx.load(str(out))
     assert _tensors(back) == _tensors(ref.extra["model"])

@@ -32,7 +32,7 @@ from ..calibrate.data import (
 )
 from ..calibrate.hessian import find_token_mask
 from ..jsonutil import dumps
-from ..graph.model_io import model_file_bytes  # noqa: F401  (re-exported)
+from ..graph.model_io import model_file_bytes, proto_bytes  # noqa: F401  (model_file_bytes: re-exported)
 from ..runtime import inference_session
 from ..errors import CalibrationError, UnsupportedModel, UsageError
 from ..graph import load_model
@@ -177,7 +177,7 @@ def _load(source: Any, which: str) -> tuple[str, onnx.ModelProto, int, Path | No
     if isinstance(source, onnx.ModelProto):
         if not source.graph.node:
             raise UnsupportedModel(f"the {which} ModelProto holds no graph nodes")
-        return f"<{which} ModelProto>", source, source.ByteSize(), None
+        return f"<{which} ModelProto>", source, proto_bytes(source), None
     if not isinstance(source, (str, os.PathLike)):
         raise UsageError(f"{which} must be an .onnx path or an onnx.ModelProto, got {type(source).__name__}")
     p = Path(source)

@@ -92,16 +92,44 @@ def validate(model: onnx.ModelProto, what: str, path: str | os.PathLike | None =
     return first
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data held in the message, from its dims and type: reading ``raw_data`` or calling
+    ``ByteSize()`` would copy or serialise the data (seconds for a large weight); external data counts 0."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if t.data_type == onnx.TensorProto.STRING:
+        return t.ByteSize()
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # noqa: BLE001  (a type numpy cannot name: measure the message)
+        return t.ByteSize()
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by the model's initializers and Constant tensors (in memory, before saving)."""
     total = 0
     for init in model.graph.initializer:
-        total += init.ByteSize()  # (len(raw_data) would copy the bytes out of the message)
+        total += _nbytes(init)
     for node in model.graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
-                total += a.t.ByteSize()
+                total += _nbytes(a.t)
     return total
+
+
+def proto_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialised size (``ByteSize()``), also beyond 2 GB (the skeleton plus the tensors' bytes)."""
+    if not needs_external_data(model):
+        return model.ByteSize()
+    return split_external(model).ByteSize() + sum(_nbytes(t) for t in model.graph.initializer if _elidable(t))
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -112,7 +140,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 def _elidable(t: onnx.TensorProto) -> bool:
     return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type not in (onnx.TensorProto.INT64,
-            onnx.TensorProto.STRING) and t.ByteSize() > _EXTERNAL_MIN_BYTES)
+            onnx.TensorProto.STRING) and _nbytes(t) > _EXTERNAL_MIN_BYTES)
 
 
 def _tensor_bytes_of(t: onnx.TensorProto) -> bytes:
