@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-column-us", type=float, default=30.0,
                     help="GPU latency floor per weight column of a GPTQ solve (a few small kernels per column; "
                          "estimate): a layer takes at least C x this")
+    ap.add_argument("--quiet-gflops", type=float, default=None,
+                    help="also project this CPU at this sgemm GFLOP/s (e.g. its rate on a quiet machine)")
     ap.add_argument("--gpus", default="1,2,4,8", help="GPU counts of the Ray cluster projection")
     ap.add_argument("--keep", action="store_true", help="keep the compressed model (default: removed)")
     a = ap.parse_args(argv)
@@ -219,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{k['total_s']:.1f} | {gf} | {k['mean_error']:.4g} |")
 
     # ---- projection
+    if not any(k["solver"] in ("gptq", "sparsegpt") and not k["both"] for k in kinds):
+        print("\n(no layer solved by the fast mode alone: no cost fit, no projection)")
+        if a.json:
+            Path(a.json).write_text(json.dumps(dict(model=info, args=a.args, run=run, seconds=secs, input_bytes=in_bytes,
+                                                    output_bytes=out_bytes, tokens=tokens, sgemm_gflops=[rate0, rate1],
+                                                    kinds=kinds), indent=1, default=str))
+        return 0
     ca, cb, resid = fit_cost(kinds)
     tb, th, tf, tv = (int(x) for x in a.target.split(","))
     layers = decoder_layers(th, tf, tb, tv)
@@ -255,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {where} | {cal / 60:.1f} min | {solve / 60:.1f} min | {other / 60:.1f} min | "
               f"{(cal + solve + other) / 60:.1f} min | {note} |")
 
-    row("this CPU", cal_cpu, solve_cpu, over_cpu, f"fitted cost model, sgemm {cpu_rate:.0f} GFLOP/s")
+    row("this CPU", cal_cpu, solve_cpu, over_cpu, f"fitted cost model, sgemm {cpu_rate:.0f} GFLOP/s as measured")
+    if a.quiet_gflops:
+        q = cpu_rate / a.quiet_gflops
+        row("this CPU, quiet (estimate)", cal_cpu * q, solve_cpu * q, over_cpu * q,
+            f"all times x {q:.2f}: sgemm {a.quiet_gflops:g} GFLOP/s instead of {cpu_rate:.0f}")
     row("1 GPU (estimate)", cal_cpu, sum(solve_gpu) + emb_s, over_cpu,
         f"solves / {gpu_ratio:.0f} (GPU {a.gpu_tflops:g} TFLOP/s sgemm vs this CPU), at least "
         f"{a.gpu_column_us:g} us per column; calibration on CPU")
@@ -263,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if n > 1:
             row(f"Ray, {n} GPUs (estimate)", cal_cpu, lpt_makespan(solve_gpu, n) + emb_s, over_cpu,
                 "solves largest-first over the GPUs; calibration not parallel")
+    row("1 GPU, calibration on it too (estimate)", cal_cpu / gpu_ratio, sum(solve_gpu) + emb_s, over_cpu,
+        "not implemented: ONNX Runtime's CUDA provider and CuPy Grams would be needed; flops / GPU rate")
     print()
     print(f"memory, 7B: fp32 weights {gib(proj['model_bytes'])}; float64 Hessians of all layers at once "
           f"{gib(proj['hessians_all'])}, of one block {gib(proj['hessians_block'])}")
