@@ -3,6 +3,7 @@
     python tools/make_decoder.py --hidden 2048 --ffn 8192 --blocks 8 --out /tmp/dec2g --calib
     python tools/bench_scale.py /tmp/dec2g --json /tmp/dec2g/bench.json          # table + 7B projection
     python tools/bench_scale.py /tmp/dec2g --args "--method auto --bits 4 --group-size 128 --executor ray"
+    python tools/bench_scale.py /tmp/dec2g --from-json /tmp/dec2g/bench.json --target 8,2048,8192,8000   # re-project
 
 DIR is a folder written by tools/make_decoder.py (decoder.onnx, decoder.onnx.data, calib.npz, decoder.json).
 One `python -m onnxobc compress` subprocess (default arguments: --method auto --bits 4 --group-size 128; change
@@ -44,6 +45,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -74,12 +76,49 @@ def run_compress(model: Path, calib: Path, out: Path, report: Path, args: str) -
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     t = time.perf_counter()
     p = subprocess.Popen(cmd, env=env)
+    timeline: list[tuple[float, int]] = []  # (seconds since start, RSS bytes), sampled every 0.5 s
+
+    def sample():
+        f = Path(f"/proc/{p.pid}/status")
+        while p.returncode is None:
+            try:
+                rss = next(int(x.split()[1]) * 1024 for x in f.read_text().splitlines() if x.startswith("VmRSS:"))
+                timeline.append((time.perf_counter() - t, rss))
+            except (OSError, StopIteration):
+                break
+            time.sleep(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"compress failed (exit {p.returncode})")
-    return dict(cmd=cmd, wall=wall, peak_rss=usage.ru_maxrss * 1024, user=usage.ru_utime, sys=usage.ru_stime)
+    th.join(timeout=2)
+    return dict(cmd=cmd, wall=wall, peak_rss=usage.ru_maxrss * 1024, user=usage.ru_utime, sys=usage.ru_stime,
+                rss_timeline=timeline[::max(1, len(timeline) // 400)])
+
+
+def rss_phases(run: dict, secs: dict) -> str:
+    """The sampled RSS peak in each phase of the run, placed from the report's seconds: the first (wall - total)
+    seconds are the interpreter's start; then load + plan, calibration, compression (solves, export, verify),
+    save + report. How the rest (total - calibration - compression) splits into load + plan and save is not
+    reported: half on each side (approximate boundaries)."""
+    tl = run.get("rss_timeline") or []
+    if not tl:
+        return "no RSS timeline"
+    start = run["wall"] - secs["total"]  # interpreter start and imports
+    rest = secs["total"] - secs["calibration"] - secs["compression"]  # load + plan + save (split unknown)
+    b1 = start + rest / 2
+    b2 = b1 + secs["calibration"]
+    b3 = b2 + secs["compression"]
+    out = []
+    for name, lo, hi in (("load+plan", 0, b1), ("calibration", b1, b2), ("solve+export", b2, b3), ("save", b3, 1e18)):
+        vals = [r for tt, r in tl if lo <= tt < hi]
+        if vals:
+            out.append(f"{name} {max(vals) / 2 ** 30:.2f}")
+    return "sampled peak RSS (GiB) per phase, approximate boundaries: " + ", ".join(out)
 
 
 def file_bytes(path: Path) -> int:
@@ -179,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-gflops", type=float, default=None,
                     help="also project this CPU at this sgemm GFLOP/s (e.g. its rate on a quiet machine)")
     ap.add_argument("--gpus", default="1,2,4,8", help="GPU counts of the Ray cluster projection")
+    ap.add_argument("--from-json", help="project from an earlier run's --json instead of running compress")
     ap.add_argument("--keep", action="store_true", help="keep the compressed model (default: removed)")
     a = ap.parse_args(argv)
     d = Path(a.dir)
@@ -187,15 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     out, report_path = d / "bench_out.onnx", d / "bench_report.json"
     ids = np.load(calib)["input_ids"]
     tokens = int(ids.size)
-    rate0 = sgemm_gflops()
-    run = run_compress(model, calib, out, report_path, a.args)
-    rate1 = sgemm_gflops()
+    if a.from_json:  # the measurement of an earlier run, projected again (e.g. to another --target)
+        old = json.loads(Path(a.from_json).read_text())
+        run, rate0, rate1, a.args = old["run"], *old["sgemm_gflops"], old["args"]
+        rep = dict(seconds=old["seconds"], output_bytes=old["output_bytes"], layers=old["layers"])
+        in_bytes = old["input_bytes"]
+    else:
+        rate0 = sgemm_gflops()
+        run = run_compress(model, calib, out, report_path, a.args)
+        rate1 = sgemm_gflops()
+        rep = json.loads(report_path.read_text())
+        in_bytes = file_bytes(model)
+        if not a.keep:
+            for f in (out, out.with_name(out.name + ".data")):
+                f.unlink(missing_ok=True)
     cpu_rate = max(rate0, rate1)
-    rep = json.loads(report_path.read_text())
-    in_bytes, out_bytes = file_bytes(model), rep.get("output_bytes")
-    if not a.keep:
-        for f in (out, out.with_name(out.name + ".data")):
-            f.unlink(missing_ok=True)
+    out_bytes = rep.get("output_bytes")
+    layer_rows = [{k: l[k] for k in ("name", "op", "shape", "solver", "seconds", "error", "note")} for l in rep["layers"]]
     kinds = layer_kinds(rep, info["blocks"])
     secs = rep["seconds"]
     H, F, B, V = info["hidden"], info["ffn"], info["blocks"], info["vocab"]
@@ -208,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS {gib(run['peak_rss'])} for a {gib(in_bytes)} model (output {gib(out_bytes or 0)}); "
           f"float64 Hessians of all layers {gib(hessian_bytes(H, F, B, V, False))}, of one block "
           f"{gib(hessian_bytes(H, F, B, V, True))}")
+    print(rss_phases(run, secs))
     print(f"this CPU: {os.cpu_count()} cores, sgemm {rate0:.0f} / {rate1:.0f} GFLOP/s before / after (shared machine)")
     print()
     print("| layer kind | rows x C | solver | count | s / layer | s total | GFLOP/s (model) | mean error |")
@@ -226,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(dict(model=info, args=a.args, run=run, seconds=secs, input_bytes=in_bytes,
                                                     output_bytes=out_bytes, tokens=tokens, sgemm_gflops=[rate0, rate1],
-                                                    kinds=kinds), indent=1, default=str))
+                                                    kinds=kinds, layers=layer_rows), indent=1, default=str))
         return 0
     ca, cb, resid = fit_cost(kinds)
     tb, th, tf, tv = (int(x) for x in a.target.split(","))
@@ -279,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     row("1 GPU, calibration on it too (estimate)", cal_cpu / gpu_ratio, sum(solve_gpu) + emb_s, over_cpu,
         "not implemented: ONNX Runtime's CUDA provider and CuPy Grams would be needed; flops / GPU rate")
     print()
-    print(f"memory, 7B: fp32 weights {gib(proj['model_bytes'])}; float64 Hessians of all layers at once "
+    print(f"memory, projected model: fp32 weights {gib(proj['model_bytes'])}; float64 Hessians of all layers at once "
           f"{gib(proj['hessians_all'])}, of one block {gib(proj['hessians_block'])}")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(model=info, args=a.args, run=run, seconds=secs, input_bytes=in_bytes,
                                                 output_bytes=out_bytes, tokens=tokens, sgemm_gflops=[rate0, rate1],
-                                                kinds=kinds, projection=proj), indent=1, default=str))
+                                                kinds=kinds, layers=layer_rows, projection=proj), indent=1, default=str))
     return 0
 
 
