@@ -313,19 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {where} | {cal / 60:.1f} min | {solve / 60:.1f} min | {other / 60:.1f} min | "
               f"{(cal + solve + other) / 60:.1f} min | {note} |")
 
+    q = cpu_rate / a.quiet_gflops if a.quiet_gflops else 1.0  # this CPU quiet, when told its rate
     row("this CPU", cal_cpu, solve_cpu, over_cpu, f"fitted cost model, sgemm {cpu_rate:.0f} GFLOP/s as measured")
     if a.quiet_gflops:
-        q = cpu_rate / a.quiet_gflops
         row("this CPU, quiet (estimate)", cal_cpu * q, solve_cpu * q, over_cpu * q,
             f"all times x {q:.2f}: sgemm {a.quiet_gflops:g} GFLOP/s instead of {cpu_rate:.0f}")
-    row("1 GPU (estimate)", cal_cpu, sum(solve_gpu) + emb_s, over_cpu,
+    cal_host, over_host = cal_cpu * q, over_cpu * q
+    host = " (quiet)" if a.quiet_gflops else ""
+    row("1 GPU (estimate)", cal_host, sum(solve_gpu) + emb_s, over_host,
         f"solves / {gpu_ratio:.0f} (GPU {a.gpu_tflops:g} TFLOP/s sgemm vs this CPU), at least "
-        f"{a.gpu_column_us:g} us per column; calibration on CPU")
+        f"{a.gpu_column_us:g} us per column; calibration and export on this CPU{host}")
     for n in (int(x) for x in a.gpus.split(",")):
         if n > 1:
-            row(f"Ray, {n} GPUs (estimate)", cal_cpu, lpt_makespan(solve_gpu, n) + emb_s, over_cpu,
+            row(f"Ray, {n} GPUs (estimate)", cal_host, lpt_makespan(solve_gpu, n) + emb_s, over_host,
                 "solves largest-first over the GPUs; calibration not parallel")
-    row("1 GPU, calibration on it too (estimate)", cal_cpu / gpu_ratio, sum(solve_gpu) + emb_s, over_cpu,
+    row("1 GPU, calibration on it too (estimate)", cal_cpu / gpu_ratio, sum(solve_gpu) + emb_s, over_host,
         "not implemented: ONNX Runtime's CUDA provider and CuPy Grams would be needed; flops / GPU rate")
     print()
     print(f"memory, projected model: fp32 weights {gib(proj['model_bytes'])}; float64 Hessians of all layers at once "
