@@ -165,6 +165,19 @@ def _copy_except(src, dst, skip: set[str]) -> None:
             setattr(dst, fd.name, value)
 
 
+def _tensor_header(t: onnx.TensorProto, n: onnx.TensorProto) -> None:
+    """Copy ``t``'s name, type, dims and descriptions into ``n``, not its data (``ListFields`` would hand out a
+    copy of ``raw_data``: seconds for a large weight)."""
+    n.name, n.data_type = t.name, t.data_type
+    n.dims.extend(t.dims)
+    if t.doc_string:
+        n.doc_string = t.doc_string
+    if t.HasField("segment"):
+        n.segment.CopyFrom(t.segment)
+    if hasattr(t, "metadata_props"):
+        n.metadata_props.extend(t.metadata_props)
+
+
 def split_external(model: onnx.ModelProto, data_file: str | os.PathLike | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose large main-graph initializers reference external data instead of holding it,
     small enough to serialise whatever the model's size; ``model`` itself is not modified, and its weights are
@@ -186,8 +199,7 @@ def split_external(model: onnx.ModelProto, data_file: str | os.PathLike | None =
                 out.graph.initializer.add().CopyFrom(t)
                 continue
             n = out.graph.initializer.add()
-            _copy_except(t, n, {"raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                                "uint64_data", "data_location", "external_data"})
+            _tensor_header(t, n)
             n.data_location = onnx.TensorProto.EXTERNAL
             length = 0
             if f is not None:
