@@ -14,6 +14,7 @@ calibration, no solve), and any change of model, data or options misses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -31,9 +32,10 @@ import onnx
 from ._version import __version__
 from .engine.allocate import allocate
 from .engine.grid import Grid
-from .engine.solver import LayerResult, Note, Problem, solve_lookup, solve_many
+from .engine.solver import LayerResult, Note, Problem
 from .engine.spec import LayerSpec
 from .errors import UsageError
+from .executor import SolveJob, executor_for
 from .export.apply import ExportOptions, storage_format
 from .export.cost import LayerCost, layer_cost
 from .graph.layers import Layer
@@ -168,7 +170,9 @@ def _dense_value(target: str, layer: Layer, macs: int) -> float:
 
 
 def digest_model(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
+    from .graph.model_io import model_digest
+
+    return model_digest(model)  # sha256 of the serialised model (beyond 2 GB: of its skeleton and tensors)
 
 
 def digest_data(calib: Any) -> str:
@@ -281,17 +285,26 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             tc = time.perf_counter()
             stats, samples = calibrate(missing)
             t_cal = time.perf_counter() - tc
-            for l in progress(missing, "database", len(missing)):
-                st = stats[l.name]
+            todo = {l.name: [s for s in offered[l.name] if not db.has(key(l, s))] for l in missing}
+            for l in missing:
                 m = l.static_macs()
-                macs[l.name] = m if m is not None else int(round(st.positions_per_sample * l.params))
-                todo = [s for s in offered[l.name] if not db.has(key(l, s))]
-                problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32), st.hessian(),
+                macs[l.name] = m if m is not None else int(round(stats[l.name].positions_per_sample * l.params))
+
+            def job(l: Layer) -> SolveJob:
+                st = stats[l.name]
+                problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32),
+                                  None if l.layout.hessian_free else st.hessian(),
                                   l.layout.channels_last_perm(l.weight.shape),
-                                  lambda gs, l=l: l.layout.group_size_problem(l.weight.shape, gs))
-                solved = ([solve_lookup(dataclasses.replace(problem, hessian=None), s, st.row_counts) for s in todo]
-                          if l.layout.hessian_free else solve_many(problem, todo))
-                for s, res in zip(todo, solved):
+                                  functools.partial(l.layout.group_size_problem, l.weight.shape))
+                counts = (st.row_counts if st.row_counts is not None else np.zeros(l.rows)) if l.layout.hessian_free else None
+                return SolveJob(l.name, problem, tuple(todo[l.name]), counts)
+
+            solved = {}
+            with executor_for(config) as ex:  # local: one layer after the other; ray: tasks, as they finish
+                for name, res, _ in progress(ex.solve(job(l) for l in missing), "database", len(missing)):
+                    solved[name] = res
+            for l in missing:  # the database in the layers' order, wherever they were solved
+                for s, res in zip(todo[l.name], solved[l.name]):
                     db.put(key(l, s), res, dict(layer=l.name, macs=macs[l.name], samples=samples))
                     db.misses += 1
             db.save()

@@ -150,7 +150,8 @@ def _config_from_args(args: argparse.Namespace):
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
-        batch_axes=_batch_axes(args), verify_data=args.verify_data,
+        batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
+        ray_address=args.ray_address,
     )
 
 
@@ -302,7 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable_outputs({"--json": json_path}, args.force, [args.reference, args.candidate, args.data])
     res = evaluate(args.reference, args.candidate, args.data, labels=args.labels, label_output=args.output,
                    batch_size=args.batch_size, max_samples=args.samples, latency_runs=args.latency_runs,
-                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args), slices=args.slice)
+                   progress=_progress_factory(args.quiet), batch_axes=_batch_axes(args), slices=args.slice,
+                   token_mask=args.token_mask)
     if not args.quiet:
         print(f"{res.samples} samples in {res.batches} batches from {res.data}"
               + (f"; labels '{res.labels}' on output '{res.label_output}'" if res.labels else ""))
@@ -316,6 +318,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            right={1, 2, 3, 4, 5, 6, 7}))
         for s in res.skipped_outputs:
             print(f"not compared: {s['name']} ({s['reason']})")
+        if res.token_mask:
+            print(f"[real tokens]: the positions where '{res.token_mask}' is non-zero, each token one sample "
+                  f"(padding is left out of calibration; --token-mask none drops these rows)")
         line = (f"size: reference {_fmt_bytes(res.reference_bytes)}, candidate {_fmt_bytes(res.candidate_bytes)} "
                 f"({res.candidate_bytes / max(res.reference_bytes, 1):.1%})")
         if res.latency_ms:
@@ -421,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--slice", action="append", metavar="NAME:AXIS:START:STOP",
                     help="also report the part START:STOP along AXIS of output NAME on its own row (repeatable), e.g. "
                          "a detector's class scores (output0:2:5:85) apart from its box coordinates (output0:2:0:4)")
+    pe.add_argument("--token-mask", default="auto", metavar="INPUT",
+                    help="[batch, sequence] input marking real tokens (non-zero) and padding (0): outputs of shape "
+                         "[batch, sequence, ...] get a second row over the real tokens only. Default 'auto': an "
+                         "integer input named attention_mask; 'none' to turn off")
     pe.add_argument("--latency-runs", type=int, default=20, metavar="R",
                     help="timed runs per model on the first batch, after a warm-up run (default 20; 0 skips timing)")
     pe.add_argument("--json", metavar="FILE", help="also write the results as JSON (non-finite numbers as \"inf\")")
@@ -537,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for --verify (default 64; with calibration data at most those calibrated on)")
     x.add_argument("--verify-data", metavar="DATA",
                    help="verify on this held-out .npz (or folder) instead of the calibration samples (implies --verify)")
+    r = pc.add_argument_group("where the layers are solved")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: one Ray task per layer, biggest first, a GPU per task "
+                        "with --device cuda (pip install onnxobc[ray]); the output is the same byte for byte")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to use (e.g. 10.0.0.1:6379 or ray://host:10001; implies --executor ray; "
+                        "default: a local Ray started for the run)")
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)

@@ -53,6 +53,8 @@ class CompressConfig(LayerSpec):
     correction_samples: int = 128  # calibration samples the correction measures on
     batch_axes: tuple[tuple[str, int | None], ...] | None = None  # --batch-axis NAME=AXIS (None: pass whole)
     verify_data: str | None = None  # --verify-data: held-out data for --verify (implies it); default calibration
+    executor: str = "local"  # where the layer solves run: 'local' (this process) or 'ray' (Ray tasks; onnxobc[ray])
+    ray_address: str | None = None  # --ray-address: the Ray cluster to use (implies executor 'ray'); None: a local one
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_axes, dict):
@@ -60,7 +62,11 @@ class CompressConfig(LayerSpec):
         if self.verify_data is not None:
             object.__setattr__(self, "verify_data", str(self.verify_data))
             object.__setattr__(self, "verify", True)
+        if self.ray_address is not None:
+            object.__setattr__(self, "executor", "ray")
         super().__post_init__()
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"--executor must be 'local' or 'ray', got {self.executor!r}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:

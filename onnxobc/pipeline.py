@@ -19,13 +19,13 @@ from .backend import get_xp
 from .calibrate import collect_hessians, count_samples, find_token_mask, input_specs, iter_batches
 from .calibrate.data import describe_batch_axes
 from .config import CompressConfig
-from .engine import LayerResult, LayerSpec, Problem, solve
-from .engine.solver import solve_lookup
+from .engine import LayerResult, LayerSpec, Problem
 from .engine.spec import HESSIAN_METHODS
 from .errors import CalibrationError, UsageError
+from .executor import SolveJob, executor_for
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
-from .graph.model_io import model_file_bytes, validate
+from .graph.model_io import model_file_bytes, proto_bytes, validate
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
@@ -118,7 +118,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
                                                  written.layers[l.name], config) for l in todo],
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
-        input_bytes=original.ByteSize() if is_proto else model_file_bytes(model), verify=verify,
+        input_bytes=proto_bytes(original) if is_proto else model_file_bytes(model), verify=verify,
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
     )
@@ -162,8 +162,8 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
         qbits = candidate_bits(config)
     if config.qdq and not qbits:
         raise UsageError("--qdq stores quantized weights: give --bits B")
-    if any(s is not None and s.device == "cuda" for s in specs.values()):
-        get_xp("cuda")  # fail early and clearly when there is no GPU
+    if config.executor == "local" and any(s is not None and s.device == "cuda" for s in specs.values()):
+        get_xp("cuda")  # fail early and clearly when there is no GPU (a Ray cluster's GPUs: checked by the executor)
     work = original
     if config.qdq:  # a converted copy when the opset must rise
         work = ensure_opset(work, min(qbits), config.opset,
@@ -213,9 +213,11 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
     stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
     solved = {}
-    for layer in progress(todo, "compressing", len(todo)):
-        t = time.perf_counter()
-        solved[layer.name] = (_solve(layer, specs[layer.name], stats[layer.name], config), time.perf_counter() - t)
+    with executor_for(config) as ex:  # local: one after the other, as built; ray: tasks, results as they finish
+        jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in todo)
+        for name, res, seconds in progress(ex.solve(jobs), "compressing", len(todo)):
+            solved[name] = (res, seconds)
+    solved = {l.name: solved[l.name] for l in todo}  # the layers' order, wherever they were solved
     macs = {l.name: _macs(l, stats[l.name]) for l in todo}
     return specs, todo, solved, macs, act, samples, token_mask, t_cal, None
 
@@ -279,22 +281,17 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
     return sites, params
 
 
-def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerResult:
-    """One layer through the engine: its matrices, Hessians and channels-last column order as a Problem."""
+def _job(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> SolveJob:
+    """One layer as a solve job: its matrices, Hessians and channels-last column order as a Problem; a lookup
+    table (Gather): per-row grids, the error weighted by the calibration's row counts."""
+    mats = layer.layout.to_matrices(layer.weight).astype(np.float32)
+    check = functools.partial(layer.layout.group_size_problem, layer.weight.shape)
     if layer.layout.hessian_free:
-        return _solve_lookup(layer, spec, st)
+        counts = st.row_counts if st.row_counts is not None else np.zeros(layer.rows)
+        return SolveJob(layer.name, Problem(layer.name, mats, None, None, check), spec, counts)
     H = st.hessian() if st.has_hessian and (spec.method in HESSIAN_METHODS or config.layer_error) else None
-    problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
-                      layer.layout.channels_last_perm(layer.weight.shape),
-                      functools.partial(layer.layout.group_size_problem, layer.weight.shape))
-    return solve(problem, spec)
-
-
-def _solve_lookup(layer: Layer, spec: LayerSpec, st) -> LayerResult:
-    """A lookup table (Gather): per-row grids, the error weighted by the calibration's row counts."""
-    problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), None, None,
-                      functools.partial(layer.layout.group_size_problem, layer.weight.shape))
-    return solve_lookup(problem, spec, st.row_counts if st.row_counts is not None else np.zeros(layer.rows))
+    return SolveJob(layer.name, Problem(layer.name, mats, H, layer.layout.channels_last_perm(layer.weight.shape), check),
+                    spec)
 
 
 def _weight(layer: Layer, res: LayerResult) -> np.ndarray:

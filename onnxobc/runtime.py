@@ -1,24 +1,33 @@
 """Creating ONNX Runtime sessions from in-memory models, including ones beyond the 2 GB protobuf limit."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import onnx
 
-from .graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from .graph.model_io import ModelFile, needs_external_data
 
 
-def inference_session(model: onnx.ModelProto, so: Any, providers: list[str] | None = None) -> Any:
-    """An ``onnxruntime.InferenceSession`` for ``model``. Models too large to serialise in one message are
-    written with external data to a temporary folder that is removed once the session holds the weights."""
+def session_source(model: onnx.ModelProto | bytes | ModelFile) -> bytes | ModelFile:
+    """What ONNX Runtime reads ``model`` from: its serialised bytes, or beyond 2 GB a temporary ModelFile
+    (external data). Serialise (or write) once where several sessions of one model are made."""
+    if isinstance(model, (bytes, ModelFile)):
+        return model
+    return ModelFile(model) if needs_external_data(model) else model.SerializeToString()
+
+
+def inference_session(model: onnx.ModelProto | bytes | ModelFile, so: Any, providers: list[str] | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``model`` (a ModelProto, its serialised bytes, or a ModelFile).
+    A ModelProto too large to serialise in one message is written with external data to a temporary folder
+    that is removed once the session holds the weights; ``model`` is never modified."""
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
-    if tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD:
-        with tempfile.TemporaryDirectory(prefix="onnxobc-session-") as tmp:
-            f = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(f), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(f), so, providers=providers)
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, so, providers=providers)
+    if isinstance(model, ModelFile):
+        return ort.InferenceSession(str(model.path), so, providers=providers)
+    if needs_external_data(model):
+        with ModelFile(model) as f:
+            return ort.InferenceSession(str(f.path), so, providers=providers)
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers)

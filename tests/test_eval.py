@@ -281,3 +281,50 @@ def test_api_errors(perturbed):
         evaluate(m, m, [graphs.make_feed(m, 3)], labels=np.zeros(3, np.int64))
     with pytest.raises(UsageError, match="--batch-size"):
         evaluate(ref, cand, [feed], batch_size=0)
+
+
+def _masked_pair():
+    """Reference y = x; candidate y = x + 5 at padded positions only (attention_mask == 0)."""
+    from onnx import TensorProto as T, helper as h
+
+    ins = [h.make_tensor_value_info("x", T.FLOAT, ["N", "S", 4]),
+           h.make_tensor_value_info("attention_mask", T.INT64, ["N", "S"])]
+    out = [h.make_tensor_value_info("y", T.FLOAT, ["N", "S", 4])]
+    ref = h.make_model(h.make_graph([h.make_node("Identity", ["x"], ["y"])], "ref", ins, out),
+                       opset_imports=[h.make_opsetid("", 13)])
+    five = h.make_tensor("five", T.FLOAT, [], [5.0])
+    one = h.make_tensor("one", T.FLOAT, [], [1.0])
+    axes = h.make_tensor("axes", T.INT64, [1], [2])
+    nodes = [h.make_node("Cast", ["attention_mask"], ["m"], to=T.FLOAT), h.make_node("Sub", ["one", "m"], ["pad"]),
+             h.make_node("Unsqueeze", ["pad", "axes"], ["pad3"]), h.make_node("Mul", ["pad3", "five"], ["shift"]),
+             h.make_node("Add", ["x", "shift"], ["y"])]
+    cand = h.make_model(h.make_graph(nodes, "cand", ins, out, [five, one, axes]), opset_imports=[h.make_opsetid("", 13)])
+    rng = np.random.default_rng(0)
+    mask = np.ones((6, 5), np.int64)
+    mask[:, 3:] = 0
+    mask[0, :] = 1  # one sample without padding
+    data = {"x": rng.normal(size=(6, 5, 4)).astype(np.float32), "attention_mask": mask}
+    return ref, cand, data
+
+
+def test_token_mask_rows_leave_padding_out(tmp_path, capsys):
+    ref, cand, data = _masked_pair()
+    res = evaluate(ref, cand, [data], latency_runs=0)
+    assert res.token_mask == "attention_mask"
+    full, real = res.output("y"), res.output("y[real tokens]")
+    assert full.rel_l2 > 0.5 and full.cosine < 0.9  # the padded positions differ
+    assert real.rel_l2 == 0.0 and real.cosine == 1.0 and real.samples == int(data["attention_mask"].sum())
+    assert not real.is_class and real.top1 is None  # a [tokens, hidden] row is not a class output
+    off = evaluate(ref, cand, [data], latency_runs=0, token_mask=None)
+    assert [o.name for o in off.outputs] == ["y"] and off.token_mask is None
+    # the CLI prints the extra row and says what it means
+    np.savez(tmp_path / "d.npz", **data)
+    onnx.save(ref, tmp_path / "r.onnx")
+    onnx.save(cand, tmp_path / "c.onnx")
+    assert main(["eval", str(tmp_path / "r.onnx"), str(tmp_path / "c.onnx"), "--data", str(tmp_path / "d.npz"),
+                 "--latency-runs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "y[real tokens]" in out and "attention_mask" in out
+    assert main(["eval", str(tmp_path / "r.onnx"), str(tmp_path / "c.onnx"), "--data", str(tmp_path / "d.npz"),
+                 "--latency-runs", "0", "--token-mask", "none"]) == 0
+    assert "real tokens" not in capsys.readouterr().out

@@ -23,8 +23,8 @@ from threadpoolctl import threadpool_limits
 from ..errors import CalibrationError
 from .data import _take, feed_samples, input_specs
 from ..graph.layers import Layer, tensor_types
-from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
-from ..runtime import inference_session
+from ..graph.model_io import ModelFile, needs_external_data
+from ..runtime import inference_session, session_source
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ class LayerStats:
 _LEVELS = ("all", "extended", "basic", "off")
 
 
-def make_session(model: onnx.ModelProto | bytes, providers: list[str] | None = None, level: str = "off"):
+def make_session(model: onnx.ModelProto | bytes | ModelFile, providers: list[str] | None = None, level: str = "off"):
     """An ONNX Runtime session; ``level`` names its graph optimisation level ("off" by default, so that every
     recorded tensor survives exactly as the unoptimised graph computes it). ``model`` may be serialised
-    already (several sessions of one model: serialise once)."""
+    already (several sessions of one model: serialise once; beyond 2 GB a ModelFile, written once)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -75,8 +75,6 @@ def make_session(model: onnx.ModelProto | bytes, providers: list[str] | None = N
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     try:
-        if isinstance(model, bytes):
-            return ort.InferenceSession(model, so, providers=providers)
         return inference_session(model, so, providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -104,7 +102,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def choose_session(model: onnx.ModelProto | bytes, fetch: list[str], feed: dict[str, np.ndarray],
+def choose_session(model: onnx.ModelProto | bytes | ModelFile, fetch: list[str], feed: dict[str, np.ndarray],
                    specs: list | None = None, *, providers: list[str] | None = None, optimize: str = "auto",
                    report: dict | None = None, ref_sess=None):
     """The fastest session whose recorded tensors are bit-identical to the unoptimised graph's.
@@ -130,7 +128,7 @@ def choose_session(model: onnx.ModelProto | bytes, fetch: list[str], feed: dict[
         if n > _CHECK_SAMPLES:  # the first samples, each input cut along its own batch axis
             probe = {k: (_take(np.asarray(v), by_name[k], 0, _CHECK_SAMPLES) if k in by_name else v)
                      for k, v in feed.items()}
-    model = _serialised(model)  # once for the up to four sessions below
+    model = session_source(model)  # once for the up to four sessions below
     ref_sess = ref_sess if ref_sess is not None else make_session(model, providers, "off")
     ref = _run(ref_sess, fetch, probe, 0)
     tried = {}
@@ -151,17 +149,16 @@ def choose_session(model: onnx.ModelProto | bytes, fetch: list[str], feed: dict[
     return ref_sess
 
 
-def _serialised(model: onnx.ModelProto | bytes) -> onnx.ModelProto | bytes:
-    if isinstance(model, onnx.ModelProto) and tensor_bytes(model) <= _EXTERNAL_DATA_THRESHOLD:
-        return model.SerializeToString()
-    return model
-
-
 def augment(model: onnx.ModelProto, tensors: list[str],
             expose: dict[str, tuple[int, int]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs).
     ``expose`` names node outputs the graph leaves unnamed: {name: (node index, output slot)}."""
     aug = copy.deepcopy(model)
+    return aug, _add_outputs(aug, tensor_types(model), tensors, expose)
+
+
+def _add_outputs(aug: onnx.ModelProto, types: dict[str, int], tensors: list[str],
+                 expose: dict[str, tuple[int, int]] | None = None) -> list[str]:
     for t, (idx, slot) in (expose or {}).items():
         node = aug.graph.node[idx]
         while len(node.output) <= slot:
@@ -169,7 +166,6 @@ def augment(model: onnx.ModelProto, tensors: list[str],
         node.output[slot] = t
     inputs = {i.name for i in aug.graph.input}
     outputs = {o.name for o in aug.graph.output}
-    types = tensor_types(model)
     fetch = []
     for t in dict.fromkeys(tensors):
         if t in inputs:
@@ -177,7 +173,20 @@ def augment(model: onnx.ModelProto, tensors: list[str],
         if t not in outputs:
             aug.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
         fetch.append(t)
-    return aug, fetch
+    return fetch
+
+
+def augmented_source(model: onnx.ModelProto, tensors: list[str],
+                     expose: dict[str, tuple[int, int]] | None = None) -> tuple[bytes | ModelFile, list[str]]:
+    """What ONNX Runtime reads the augmented model from (see :func:`augment`), and the fetched tensors: the
+    augmented copy serialised, or beyond 2 GB a ModelFile whose graph has the outputs added (the weights are
+    written once and never copied in memory)."""
+    if not needs_external_data(model):
+        aug, fetch = augment(model, tensors, expose)
+        return aug.SerializeToString(), fetch
+    types, fetch = tensor_types(model), []
+    src = ModelFile(model, edit=lambda small: fetch.extend(_add_outputs(small, types, tensors, expose)))
+    return src, fetch
 
 
 def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | None:
@@ -291,8 +300,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     wanted += [t for layer in layers for c in layer.consumers for t in c.aux.values()]
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
-    aug, fetch = augment(model, wanted, {c.input_name: c.expose for layer in layers for c in layer.consumers
-                                         if c.expose is not None})
+    src, fetch = augmented_source(model, wanted, {c.input_name: c.expose for layer in layers
+                                                  for c in layer.consumers if c.expose is not None})
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
                                         if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
@@ -308,7 +317,6 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
         raise CalibrationError("the calibration data yielded no samples: give at least one sample per input")
     if optimize not in ("auto",) + _LEVELS:
         raise CalibrationError(f"optimize={optimize!r}: expected one of auto, {', '.join(_LEVELS)}")
-    src = _serialised(aug)
     # The first batch runs unoptimised (exact by definition); the level check follows on the ONNX Runtime
     # side, beside that batch's Grams, and the other batches use what it picked.
     sess = make_session(src, providers, "off" if optimize == "auto" else optimize)

@@ -69,8 +69,9 @@ def is_class_output(a: np.ndarray, n: int) -> bool:
 class OutputAccumulator:
     """Running sums for one output; ``update`` once per batch, ``result`` at the end."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, classes: bool = True):
         self.name = name
+        self.allow_class = classes  # False: never treated as class scores (e.g. one row per token)
         self.dtype: str | None = None
         self.sample_shape: list | None = None
         self.is_class: bool | None = None  # decided on the first batch
@@ -101,7 +102,7 @@ class OutputAccumulator:
         if self.dtype is None:
             self.dtype = str(r.dtype)
             self.sample_shape = list(r.shape[1:]) if per_sample else list(r.shape)
-            self.is_class = is_class_output(r, n)
+            self.is_class = self.allow_class and is_class_output(r, n)
             if self.is_class:
                 self.classes = int(r.shape[1])
                 self.topk = min(5, self.classes)

@@ -30,8 +30,9 @@ from ..calibrate.data import (
     iter_batches,
     npz_shapes,
 )
+from ..calibrate.hessian import find_token_mask
 from ..jsonutil import dumps
-from ..graph.model_io import model_file_bytes  # noqa: F401  (re-exported)
+from ..graph.model_io import model_file_bytes, proto_bytes  # noqa: F401  (model_file_bytes: re-exported)
 from ..runtime import inference_session
 from ..errors import CalibrationError, UnsupportedModel, UsageError
 from ..graph import load_model
@@ -66,6 +67,7 @@ class EvalResult:
     candidate_bytes: int
     latency_ms: dict | None  # {"reference", "candidate", "runs", "batch_samples"}; None with latency_runs=0
     seconds: float
+    token_mask: str | None = None  # the input whose zeros marked padding left out of the "[real tokens]" rows
     version: str = __version__
     definitions: dict = field(default_factory=lambda: dict(DEFINITIONS))
 
@@ -175,7 +177,7 @@ def _load(source: Any, which: str) -> tuple[str, onnx.ModelProto, int, Path | No
     if isinstance(source, onnx.ModelProto):
         if not source.graph.node:
             raise UnsupportedModel(f"the {which} ModelProto holds no graph nodes")
-        return f"<{which} ModelProto>", source, source.ByteSize(), None
+        return f"<{which} ModelProto>", source, proto_bytes(source), None
     if not isinstance(source, (str, os.PathLike)):
         raise UsageError(f"{which} must be an .onnx path or an onnx.ModelProto, got {type(source).__name__}")
     p = Path(source)
@@ -335,7 +337,7 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
              data: Any, *, labels: str | np.ndarray | None = None, label_output: str | None = None,
              batch_size: int = 32, max_samples: int | None = None, latency_runs: int = 20,
              progress: Progress | None = None, batch_axes: dict[str, int | None] | None = None,
-             slices: list[str] | None = None) -> EvalResult:
+             slices: list[str] | None = None, token_mask: str | None = "auto") -> EvalResult:
     """Run ``reference`` and ``candidate`` (paths or ModelProtos with the same interface) on ``data`` (an .npz
     path, a directory of .npz, or an iterable of {input_name: array} feeds) and compare every output.
 
@@ -347,6 +349,11 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     ({input_name: axis, or None to pass it whole}) says otherwise. ``slices`` ("NAME:AXIS:START:STOP", e.g.
     "boxes:2:5:85" for a detector's class scores) add rows for parts of outputs, so that large values in one part
     (box coordinates) do not hide the error in another (class scores).
+
+    ``token_mask`` ("auto": an integer ``attention_mask`` input; a name; None or "none": off): every output whose
+    leading axes are that input's [batch, sequence] gets a second row, "NAME[real tokens]", over the positions the
+    mask marks real (each token one sample of the cosine): padded positions are left out of calibration, so no
+    method controls them, and a masked consumer never reads them.
     """
     progress = progress or _identity_progress
     t0 = time.perf_counter()
@@ -377,6 +384,8 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
         raise UsageError(f"--output {label_output}: no such numeric output (outputs: {', '.join(compared)})")
 
     cuts = [parse_slice(x, compared) for x in (slices or [])]
+    mask_name = find_token_mask(ref_model, token_mask)
+    masked: list[str] = []  # outputs that got a real-token row (decided on the first batch)
     label_vec, label_desc, label_len_checked = _prepare_labels(labels, data, specs)
     is_path = isinstance(data, (str, os.PathLike))
     total = count_samples(data, specs, max_samples) if is_path else None
@@ -423,6 +432,18 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
                 raise UsageError(f"--slice {cut.label}: selects no element of output '{cut.output}' "
                                  f"(shape {list(r.shape)})")
             accs.setdefault(cut.label, OutputAccumulator(cut.label)).update(r[index], c[index], n)
+        if mask_name is not None:
+            mask = np.asarray(feed[mask_name]) != 0
+            if first is None:
+                masked = [name for name, r in zip(compared, r_out)
+                          if r.ndim >= 2 and r.shape[:2] == mask.shape and r.dtype.kind == "f"]
+            for name in masked:
+                r, c = (out[compared.index(name)] for out in (r_out, c_out))
+                if r.shape[:2] != mask.shape:
+                    raise CalibrationError(f"output '{name}' on batch {batches} has shape {list(r.shape)}, not "
+                                           f"[batch, sequence] of '{mask_name}' {list(mask.shape)}: pass token_mask=None")
+                rt, ct = r[mask], c[mask]
+                accs.setdefault(_token_label(name), OutputAccumulator(_token_label(name), classes=False)).update(rt, ct, len(rt))
         if first is None:
             first = feed
         seen += n
@@ -453,11 +474,17 @@ def evaluate(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os
     return EvalResult(
         reference=ref_name, candidate=cand_name, data=str(data) if is_path else f"<{type(data).__name__}>",
         samples=seen, batches=batches, batch_size=eff_batch if is_path else None,
-        outputs=[accs[n].result() for n in compared] + [accs[c.label].result() for c in cuts],
+        outputs=[accs[n].result() for n in compared] + [accs[c.label].result() for c in cuts]
+        + [accs[_token_label(n)].result() for n in masked if _token_label(n) in accs],
+        token_mask=mask_name if masked else None,
         skipped_outputs=skipped, labels=label_desc,
         label_output=target if label_vec is not None else None, reference_bytes=ref_bytes,
         candidate_bytes=cand_bytes, latency_ms=latency, seconds=time.perf_counter() - t0,
     )
+
+
+def _token_label(name: str) -> str:
+    return f"{name}[real tokens]"
 
 
 def _label_target(target: str | None, compared: list[str], r_out: list[np.ndarray], n: int) -> str:

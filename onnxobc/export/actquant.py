@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..calibrate.ranges import ActQuantParams
 from ..graph.layers import LAYER_OPS, QUANTIZED_OPS, GraphIndex, Layer
+from ..graph.model_io import infer_shapes
 from .writeback import NameAllocator, remove_unused
 
 HOP_OPS = ("Relu", "Clip")
@@ -367,7 +368,7 @@ def _drop_dead(model: onnx.ModelProto, candidates: set[str]) -> None:
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Rank of every tensor of the main graph whose shape is known (after shape inference, where it works)."""
     try:
-        m = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        m = infer_shapes(model)
     except Exception:
         m = model
     return {vi.name: len(vi.type.tensor_type.shape.dim)

@@ -77,10 +77,13 @@ def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocke
         raise UsageError(f"--opset {opset} is lower than the model's opset {have}: onnxobc never lowers an opset")
     from onnx import version_converter
 
-    from ..graph.model_io import validate
+    from ..graph.model_io import needs_external_data, restore_elided, split_external, validate
 
     try:
-        converted = version_converter.convert_version(model, target)
+        if needs_external_data(model):  # the converter serialises its input: convert the skeleton, weights after
+            converted = restore_elided(version_converter.convert_version(split_external(model), target), model)
+        else:
+            converted = version_converter.convert_version(model, target)
         converted.ir_version = max(converted.ir_version, 10 if target >= 21 else converted.ir_version)
         validate(converted, "the converted model")  # onnx.checker, or ONNX Runtime where the checker is stricter
     except Exception as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from ..graph.model_io import _EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from ..graph.model_io import needs_external_data, split_external
 
 log = logging.getLogger(__name__)
 
@@ -18,21 +18,21 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, exte
     """Write ``model`` to ``output`` atomically (temp files in the same folder, then rename).
 
     Models whose tensors exceed the protobuf limit are written with external data in ``<output>.data``
-    automatically (``external_data=None``); True/False forces the choice. Returns the files written.
+    automatically (``external_data=None``); True/False forces the choice. ``model`` is not modified, and its
+    weights are never serialised in one message (one tensor at a time goes to the data file). The data file
+    is moved into place before the .onnx that references it; nothing is left behind on failure. Returns the
+    files written.
     """
     out = Path(output)
     if external_data is None:
-        external_data = tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD
+        external_data = needs_external_data(model)
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxobc-", dir=out.parent))
     written: list[Path] = []
     try:
         tmp_model = tmpdir / out.name
         if external_data:
             data_name = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            # save_model converts the in-memory model to reference external data; restore it for the caller.
-            onnx.load_external_data_for_model(model, str(tmpdir))
+            onnx.save_model(split_external(model, tmpdir / data_name), str(tmp_model))
             os.replace(tmpdir / data_name, out.parent / data_name)
             written.append(out.parent / data_name)
         else:

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .adapters import OpLayout
+from .model_io import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def _recurrent_problem(layout: OpLayout, shape: tuple) -> str | None:
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = infer_shapes(model)
     except Exception as e:  # very large or exotic models: shapes are only used for MAC counts
         log.debug("shape inference failed: %s", e)
         return {}
@@ -411,7 +412,7 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every typed tensor of the main graph (after shape inference, where it works)."""
     try:
-        m = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        m = infer_shapes(model)
     except Exception:
         m = model
     types = {}

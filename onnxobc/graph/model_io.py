@@ -1,8 +1,13 @@
 """Loading and saving ONNX models: external data, atomic writes, the 2 GB protobuf limit."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -12,7 +17,14 @@ from ..errors import UnsupportedModel, UsageError
 log = logging.getLogger(__name__)
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin for the graph itself.
+# Read at call time (needs_external_data): tests lower it to send tiny models down the >2 GB code path.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Tensors above this many bytes leave the .onnx when a model is split for external data (as onnx.save_model's
+# size_threshold); INT64 tensors always stay inline: ONNX Runtime cannot read a Reshape shape from external data.
+_EXTERNAL_MIN_BYTES = 1024
+# Offsets of tensors in a data file written here are multiples of this (ONNX Runtime can map them in place).
+_EXTERNAL_ALIGN = 4096
+_ELIDED = "__onnxobc_elided__"
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -48,8 +60,13 @@ def ort_refusal(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        src = str(path) if path is not None else model.SerializeToString()
-        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        if path is not None:
+            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        elif needs_external_data(model):
+            with ModelFile(model) as f:
+                ort.InferenceSession(str(f.path), so, providers=["CPUExecutionProvider"])
+        else:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  (any refusal: invalid graph, unknown op, missing kernel, ...)
         return _first_line(e)
     return None
@@ -61,7 +78,10 @@ def validate(model: onnx.ModelProto, what: str, path: str | os.PathLike | None =
     creates a session for it. Returns the checker's complaint that was overridden (None: the checker passed);
     raises UnsupportedModel, with both reasons, when ONNX Runtime refuses too."""
     try:
-        onnx.checker.check_model(model)
+        if needs_external_data(model):  # the checker serialises what it is given: check the file, or the skeleton
+            onnx.checker.check_model(str(path) if path is not None and Path(path).is_file() else split_external(model))
+        else:
+            onnx.checker.check_model(model)
         return None
     except onnx.checker.ValidationError as e:
         first = _first_line(e)
@@ -72,16 +92,193 @@ def validate(model: onnx.ModelProto, what: str, path: str | os.PathLike | None =
     return first
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data held in the message, from its dims and type: reading ``raw_data`` or calling
+    ``ByteSize()`` would copy or serialise the data (seconds for a large weight); external data counts 0."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if t.data_type == onnx.TensorProto.STRING:
+        return t.ByteSize()
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # noqa: BLE001  (a type numpy cannot name: measure the message)
+        return t.ByteSize()
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by the model's initializers and Constant tensors (in memory, before saving)."""
     total = 0
     for init in model.graph.initializer:
-        total += len(init.raw_data) or init.ByteSize()
+        total += _nbytes(init)
     for node in model.graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
-                total += len(a.t.raw_data) or a.t.ByteSize()
+                total += _nbytes(a.t)
     return total
+
+
+def proto_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialised size (``ByteSize()``), also beyond 2 GB (the skeleton plus the tensors' bytes)."""
+    if not needs_external_data(model):
+        return model.ByteSize()
+    return split_external(model).ByteSize() + sum(_nbytes(t) for t in model.graph.initializer if _elidable(t))
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot be serialised as one protobuf message (its tensors are near 2 GiB): it must then
+    be saved with external data, checked, shape-inferred and given to ONNX Runtime through a file."""
+    return tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD
+
+
+def _elidable(t: onnx.TensorProto) -> bool:
+    return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type not in (onnx.TensorProto.INT64,
+            onnx.TensorProto.STRING) and _nbytes(t) > _EXTERNAL_MIN_BYTES)
+
+
+def _tensor_bytes_of(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t).tobytes()
+
+
+def _copy_except(src, dst, skip: set[str]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _tensor_header(t: onnx.TensorProto, n: onnx.TensorProto) -> None:
+    """Copy ``t``'s name, type, dims and descriptions into ``n``, not its data (``ListFields`` would hand out a
+    copy of ``raw_data``: seconds for a large weight)."""
+    n.name, n.data_type = t.name, t.data_type
+    n.dims.extend(t.dims)
+    if t.doc_string:
+        n.doc_string = t.doc_string
+    if t.HasField("segment"):
+        n.segment.CopyFrom(t.segment)
+    if hasattr(t, "metadata_props"):
+        n.metadata_props.extend(t.metadata_props)
+
+
+def split_external(model: onnx.ModelProto, data_file: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose large main-graph initializers reference external data instead of holding it,
+    small enough to serialise whatever the model's size; ``model`` itself is not modified, and its weights are
+    not copied in memory (one tensor at a time, when written).
+
+    With ``data_file``, the tensors' bytes are written there (offsets aligned for mapping) and the copy names
+    that file by its base name: save the copy next to it and ONNX Runtime / onnx.load read the whole model.
+    Without, the copy is a skeleton for what needs only the graph, shapes and types (shape inference, the
+    checker, the version converter, hashing): its elided tensors name a location that does not exist."""
+    out = onnx.ModelProto()
+    _copy_except(model, out, {"graph"})
+    _copy_except(model.graph, out.graph, {"initializer"})
+    f = open(data_file, "wb") if data_file is not None else None
+    location = Path(data_file).name if data_file is not None else _ELIDED
+    offset = 0
+    try:
+        for t in model.graph.initializer:
+            if not _elidable(t):
+                out.graph.initializer.add().CopyFrom(t)
+                continue
+            n = out.graph.initializer.add()
+            _tensor_header(t, n)
+            n.data_location = onnx.TensorProto.EXTERNAL
+            length = 0
+            if f is not None:
+                data = _tensor_bytes_of(t)
+                pad = (-offset) % _EXTERNAL_ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(data)
+                length = len(data)
+                del data
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                e = n.external_data.add()
+                e.key, e.value = k, v
+            offset += length
+    finally:
+        if f is not None:
+            f.close()
+    return out
+
+
+def restore_elided(small: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``small`` (made from a skeleton of ``model``, see :func:`split_external`) with its elided main-graph
+    initializers replaced, by name, by ``model``'s full tensors. Returns ``small``."""
+    full = {t.name: t for t in model.graph.initializer}
+    for t in small.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and any(e.key == "location" and e.value == _ELIDED
+                                                                 for e in t.external_data):
+            if t.name not in full:
+                raise UnsupportedModel(f"initializer {t.name}: its data was elided and the model has no such tensor")
+            t.CopyFrom(full[t.name])
+    return small
+
+
+class ModelFile:
+    """``model`` written with external data to a temporary folder (``.path``: the .onnx, its data beside it), for
+    what must read a model beyond 2 GB from a file (ONNX Runtime sessions). ``edit`` may change the written graph
+    (e.g. add outputs) without copying the weights. The folder is removed by ``close()``, at the end of a
+    ``with`` block, or when the object is collected; an open session keeps the weights it has read."""
+
+    def __init__(self, model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix="onnxobc-model-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        try:
+            self.path = self.dir / "model.onnx"
+            small = split_external(model, self.dir / "model.onnx.data")
+            if edit is not None:
+                edit(small)
+            onnx.save_model(small, str(self.path))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._cleanup()
+
+    def __enter__(self) -> "ModelFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` (strict_mode off) that also works beyond 2 GB: a large model is
+    inferred as its skeleton (shapes and types only; initializers keep their dims). Raises what onnx raises."""
+    src = split_external(model) if needs_external_data(model) else model
+    return onnx.shape_inference.infer_shapes(src, strict_mode=False)
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model: of its serialised bytes, or beyond 2 GB of its skeleton and its large tensors'
+    bytes in order (serialising the whole model is impossible there)."""
+    if not needs_external_data(model):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    h = hashlib.sha256(split_external(model).SerializeToString())
+    for t in model.graph.initializer:
+        if _elidable(t):
+            h.update(_tensor_bytes_of(t))
+    return h.hexdigest()
 
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
