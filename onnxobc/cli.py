@@ -151,6 +151,7 @@ def _config_from_args(args: argparse.Namespace):
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
         batch_axes=_batch_axes(args), verify_data=args.verify_data,
+        sequential=args.sequential, stage_memory=args.stage_memory,
     )
 
 
@@ -452,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-layer-error", action="store_true",
                    help="do not compute the per-layer error column: with --method rtn or magnitude (which need no "
                         "Hessian) calibration then only runs the model, several times faster on large CNNs")
+    g.add_argument("--sequential", action="store_true",
+                   help="calibrate the layers in stages by depth, each on the model whose earlier layers are already "
+                        "compressed, so later layers compensate the earlier errors (one ONNX Runtime pass per stage)")
+    g.add_argument("--stage-memory", type=float, metavar="MB",
+                   help="MB of Hessians held at once: when all layers' Hessians need more, calibrate and solve in "
+                        "stages, one pass over the data each (default: half the available memory)")
     g.add_argument("--include", metavar="REGEX", help="only layers whose node or weight name matches")
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
     g.add_argument("--plan", metavar="FILE",

@@ -253,7 +253,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                      total: int | None = None, token_mask: str | None = None,
                      observers: list | None = None, hessians: bool = True, optimize: str = "auto",
                      overlap: bool = True, precision: str = "float32",
-                     profile: dict | None = None, specs: list | None = None) -> dict[str, LayerStats]:
+                     profile: dict | None = None, specs: list | None = None, prune: bool = False
+                     ) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
 
@@ -275,7 +276,10 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     "float64", which computes every product in float64). ``profile``, when given a dict, receives seconds
     spent per phase ("session": creating the first session; "level_check": the level search, on the ONNX
     Runtime thread; "ort_wait": waiting for a batch; "gram"; "observers") and per layer kind ("gram:Conv
-    1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed."""
+    1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed.
+
+    ``prune``: ONNX Runtime runs only the nodes the fetched tensors depend on (a stage of
+    :mod:`onnxobc.stages` needs the graph up to its layers' inputs, not the whole model)."""
     if precision not in ("float32", "float64"):
         raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
     dtype = np.float64 if precision == "float64" else None
@@ -284,6 +288,10 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
     aug, fetch = augment(model, wanted)
+    if prune:
+        from ..stages import prune_to
+
+        prune_to(aug, fetch)
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
                                         if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
