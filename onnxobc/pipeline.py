@@ -247,19 +247,25 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
     """Calibrate and solve stage by stage, each stage's statistics freed before the next is formed. With
     --sequential, a stage's pass runs the model whose earlier stages' weights are replaced by their compressed
     (float) values. Returns (solved, MACs, W8A8 ranges, samples, token mask, calibration seconds)."""
-    from .stages import replaced_weights
+    from .graph import tensor_types
+    from .stages import replace_weights
 
+    types = tensor_types(work)  # once (shape inference), not once per pass
     solved: dict = {}
     macs: dict = {}
     act = samples = token_mask = None
     t_cal = 0.0
+    prof: dict = {}
     for k, stage in enumerate(stages.stages):
         t = time.perf_counter()
         done = [(l, _weight(l, solved[l.name][0])) for l in todo if l.name in solved] if config.sequential else []
-        with replaced_weights(work, done):
-            stats, a, samples, token_mask = _calibrate(
-                work, stage, specs, calib, config, progress, ranges=k == 0 and not config.sequential, act_layers=todo,
-                hessians=_need_hessians(todo, specs, config), prune=True)
+        # the optimisation level: checked on the first pass; when none reproduced it bit for bit, the others
+        # run unoptimised without checking again (each check builds up to three more sessions)
+        stats, a, samples, token_mask = _calibrate(
+            work, stage, specs, calib, config, progress, ranges=k == 0 and not config.sequential, act_layers=todo,
+            hessians=_need_hessians(todo, specs, config), prune=True, profile=prof, types=types,
+            edit=functools.partial(replace_weights, weights=done) if done else None,
+            optimize="off" if prof.get("level") == "off" else "auto")
         del done
         t_cal += time.perf_counter() - t
         act = act or a
@@ -269,8 +275,9 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
         del stats  # freed before the next stage's Hessians are formed
     if config.sequential and config.act_bits:  # W8A8 ranges of the compressed model: one more pass, no Hessians
         t = time.perf_counter()
-        with replaced_weights(work, [(l, _weight(l, solved[l.name][0])) for l in todo]):
-            _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False, prune=True)
+        done = [(l, _weight(l, solved[l.name][0])) for l in todo]
+        _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False, prune=True, types=types,
+                                  edit=functools.partial(replace_weights, weights=done))
         t_cal += time.perf_counter() - t
     return solved, macs, act, samples, token_mask, t_cal
 
@@ -281,9 +288,9 @@ def _need_hessians(todo: list[Layer], specs: dict, config: CompressConfig) -> bo
 
 def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
                progress: Progress, *, ranges: bool = True, hessians: bool | None = None,
-               act_layers: list[Layer] | None = None, prune: bool = False):
+               act_layers: list[Layer] | None = None, **collect):
     """Run the model on the calibration data: Hessians (or counts) of ``todo``, and the W8A8 activation ranges
-    of ``act_layers`` (default ``todo``); ``prune``: run only the part of the graph these need.
+    of ``act_layers`` (default ``todo``); ``collect``: more options of collect_hessians (prune, edit, ...).
     Returns (stats per layer, (sites, params thunk, notes) or None, samples, token mask input)."""
     if config.verify_data is not None and not os.path.exists(config.verify_data):
         raise UsageError(f"--verify-data {config.verify_data}: no such file or directory")
@@ -310,7 +317,7 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
     try:
         stats = collect_hessians(model, todo, batches, progress=progress,
                                  total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                                 observers=observers, hessians=need_h, specs=ins, prune=prune)
+                                 observers=observers, hessians=need_h, specs=ins, **collect)
     except CalibrationError as e:  # say how the inputs were sliced: a wrong batch axis fails inside ONNX Runtime
         if "ONNX Runtime failed" not in str(e):
             raise

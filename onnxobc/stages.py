@@ -3,7 +3,7 @@
 One calibration pass over the data forms every selected layer's C x C float64 Hessian at once, so its peak memory
 is the sum over all layers. Split into stages, the Hessians are formed, solved and freed stage by stage: peak
 memory is about the model plus ONE stage's Hessians, at the price of one ONNX Runtime pass per stage (each pass
-runs only the part of the graph that the stage's inputs need: :func:`prune_to`).
+runs only the part of the graph that the stage's inputs need: :func:`pruned_copy`).
 
 * **Depth.** A layer's depth is the longest chain of selected layers before it in the graph (the number of
   selected-layer nodes on the longest path from a graph input to the node's activation input). Layers of one
@@ -22,11 +22,9 @@ holds its ``summary()`` plus the largest number of bytes of Hessians held at onc
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,61 +174,74 @@ def plan_stages(model: onnx.ModelProto, layers: list[Layer], *, sequential: bool
 
 
 # ------------------------------------------------------------------------------------------------ graph edits
-def prune_to(model: onnx.ModelProto, fetch: list[str]) -> None:
-    """Keep (in place) only the nodes that ``fetch`` depends on, and only ``fetch`` as graph outputs: a stage's
-    pass then runs the graph up to its layers' inputs, not the whole model. Graph inputs all stay (callers feed
-    every input); initializers nothing reads any more are dropped. No-op when ``fetch`` is empty."""
-    if not fetch:
-        return
-    g = model.graph
+def _needed(graph: onnx.GraphProto, fetch: list[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes ``fetch`` depends on (in graph order) and every tensor name they read."""
     need = set(fetch)
     keep = []
-    for node in reversed(g.node):
+    for node in reversed(graph.node):
         if any(o in need for o in node.output):
             keep.append(node)
             need.update(_reads(node))
     keep.reverse()
-    if len(keep) < len(g.node):
-        del g.node[:]
-        g.node.extend(keep)
-    outs = [o for o in g.output if o.name in set(fetch)]
-    del g.output[:]
-    g.output.extend(outs)
-    inits = [t for t in g.initializer if t.name in need]
-    if len(inits) < len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(inits)
+    return keep, need
 
 
-@contextlib.contextmanager
-def replaced_weights(model: onnx.ModelProto, weights: list[tuple[Layer, np.ndarray]]) -> Iterator[onnx.ModelProto]:
-    """``model`` (edited in place, restored on exit) whose layers' nodes read the given weights (as the consumers
-    see them, e.g. compressed float weights) instead of their own: each weight becomes a new initializer and the
-    consumers' weight input is renamed to it. Node indices and every other tensor stay as they were, so the
-    layers found before still describe the edited model."""
+def pruned_copy(model: onnx.ModelProto, fetch: list[str]) -> onnx.ModelProto:
+    """A new model with only the nodes (and initializers) that ``fetch`` depends on and no graph outputs (the
+    caller adds ``fetch``): a stage's pass runs the graph up to its layers' inputs, not the whole model, and only
+    what it needs is copied. Graph inputs all stay (callers feed every input)."""
     g = model.graph
+    keep, need = _needed(g, fetch)
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if (fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED):
+            getattr(out, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    og = out.graph
+    og.name = g.name
+    og.input.extend(g.input)
+    og.node.extend(keep)
+    og.initializer.extend(t for t in g.initializer if t.name in need)
+    og.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in need)
+    og.value_info.extend(v for v in g.value_info if v.name in need)
+    return out
+
+
+def replace_weights(model: onnx.ModelProto, weights: list[tuple[Layer, np.ndarray]]) -> None:
+    """Edit ``model`` in place so that the layers' nodes read the given weights (as the consumers see them, e.g.
+    compressed float weights) instead of their own: each weight becomes a new initializer and the consumers'
+    weight input is renamed to it. Node indices and every other tensor stay as they were. Meant for the copy a
+    calibration pass runs (``collect_hessians(edit=...)``): a protobuf message keeps the memory of removed
+    fields until it is freed, so the model the run keeps is never edited back and forth. Nodes are found by
+    their output (a copy may hold only part of the graph); the replaced initializers are dropped when nothing
+    else reads them."""
+    g = model.graph
+    by_out = {n.output[0]: n for n in g.node if n.output}
+    replaced = set()
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    renamed: list[tuple[onnx.NodeProto, int, str]] = []
-    added = 0
-    try:
-        for layer, w in weights:
-            name = f"{layer.weight_name}__obc_stage"
-            k = 0
-            while name in taken:
-                k += 1
-                name = f"{layer.weight_name}__obc_stage{k}"
-            taken.add(name)
-            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, dtype=layer.weight.dtype), name))
-            added += 1
-            for c in layer.consumers:
-                node = g.node[c.node_index]
-                for pos, inp in enumerate(node.input):
-                    if inp == layer.weight_name and inp != c.input_name:
-                        node.input[pos] = name
-                        renamed.append((node, pos, inp))
-        yield model
-    finally:
-        for node, pos, inp in reversed(renamed):
-            node.input[pos] = inp
-        if added:
-            del g.initializer[len(g.initializer) - added:]
+    for layer, w in weights:
+        name = f"{layer.weight_name}__obc_stage"
+        k = 0
+        while name in taken:
+            k += 1
+            name = f"{layer.weight_name}__obc_stage{k}"
+        taken.add(name)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, dtype=layer.weight.dtype), name))
+        for c in layer.consumers:
+            node = by_out.get(c.output_name)
+            if node is None:  # pruned away: nothing this pass runs reads it
+                continue
+            for pos, inp in enumerate(node.input):
+                if inp == layer.weight_name and inp != c.input_name:
+                    node.input[pos] = name
+                    replaced.add(inp)
+    if replaced:
+        read = {t for n in g.node for t in _reads(n)}
+        dead = [t for t in g.initializer if t.name in replaced and t.name not in read]
+        for t in dead:
+            g.initializer.remove(t)

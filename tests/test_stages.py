@@ -13,7 +13,7 @@ from onnxobc import CompressConfig, compress
 from onnxobc import pipeline
 from onnxobc.calibrate import collect_hessians, find_token_mask, hessian as hessian_mod
 from onnxobc.graph import find_layers
-from onnxobc.stages import hessian_bytes, layer_depths, plan_stages, prune_to, replaced_weights
+from onnxobc.stages import hessian_bytes, layer_depths, plan_stages, pruned_copy, replace_weights
 
 
 def _gemm(name: str, x: str, y: str, n_in: int, n_out: int, seed: int):
@@ -112,15 +112,15 @@ def test_prune_keeps_what_the_fetch_needs():
     m = graphs.BUILDERS["mixed_cnn"]()
     feed = graphs.make_feed(m, 3)
     full = ort.InferenceSession(hessian_mod.augment(m, ["r1"])[0].SerializeToString(), providers=["CPUExecutionProvider"])
-    aug, fetch = hessian_mod.augment(m, ["r1"])
-    prune_to(aug, fetch)
-    assert [n.name for n in aug.graph.node] == ["conv1", "relu1"]
+    aug, fetch = hessian_mod.augment(m, ["r1"], prune=True)
+    assert [n.name for n in aug.graph.node] == ["conv1", "relu1"] and [o.name for o in aug.graph.output] == ["r1"]
+    assert len(pruned_copy(m, ["c2"]).graph.node) == 3 and len(m.graph.node) == 9  # the model is not touched
     assert {t.name for t in aug.graph.initializer} == {"conv1.weight", "conv1.bias"}
     sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(["r1"], feed)[0], full.run(["r1"], feed)[0])
 
 
-def test_replaced_weights_feeds_new_weights_and_restores():
+def test_replace_weights_feeds_new_weights_and_restores():
     import onnxruntime as ort
 
     m = graphs.BUILDERS["mixed_cnn"]()
@@ -128,11 +128,14 @@ def test_replaced_weights_feeds_new_weights_and_restores():
     fc2 = next(l for l in layers if l.name == "fc2")
     before = m.SerializeToString()
     feed = graphs.make_feed(m, 3)
-    with replaced_weights(m, [(fc2, np.zeros_like(fc2.weight))]) as edited:
-        y = ort.InferenceSession(edited.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    # through collect_hessians: the copy it runs is edited, the model is not
+    st = collect_hessians(m, [fc2], [feed], edit=lambda aug: replace_weights(aug, [(fc2, np.zeros_like(fc2.weight))]))
+    assert m.SerializeToString() == before
+    replace_weights(m, [(fc2, np.zeros_like(fc2.weight))])
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     bias = onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "fc2.bias"))
     np.testing.assert_allclose(y, np.broadcast_to(bias, y.shape), atol=1e-6)
-    assert m.SerializeToString() == before
+    assert st["fc2"].samples == 3 and st["fc2"].xtx.any()
 
 
 # --------------------------------------------------------------------------------------------- calibration

@@ -11,7 +11,7 @@ embedding cosine). Modes:
   staged      --stage-memory MB (bounded memory: stages packed by the budget, each pass runs the graph only up to
               its layers' inputs); its weights must be byte-identical to onepass (checked: a hash of all
               initializers)
-  noprune     staged, but every pass runs the whole graph (onnxobc.stages.prune_to disabled): what pruning saves
+  noprune     staged, but every pass runs the whole graph (onnxobc.stages.pruned_copy replaced by a full copy): what pruning saves
   sequential  --sequential (stages by depth, each on the model whose earlier stages are compressed)
 
 Example:
@@ -67,9 +67,11 @@ def _child(spec: dict) -> None:
     from onnxobc import CompressConfig, compress
 
     if spec["mode"] == "noprune":
+        import copy
+
         import onnxobc.stages as st
 
-        st.prune_to = lambda model, fetch: None
+        st.pruned_copy = lambda model, fetch: copy.deepcopy(model)
     opts = dict(spec["opts"])
     if spec["mode"] in ("staged", "noprune"):
         opts["stage_memory"] = spec["stage_mb"]

@@ -157,19 +157,24 @@ def _serialised(model: onnx.ModelProto | bytes) -> onnx.ModelProto | bytes:
     return model
 
 
-def augment(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs)."""
-    aug = copy.deepcopy(model)
-    inputs = {i.name for i in aug.graph.input}
+def augment(model: onnx.ModelProto, tensors: list[str], *, prune: bool = False,
+            types: dict[str, int] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs). ``prune``: the
+    copy holds only what ``tensors`` depend on and outputs only them (:func:`onnxobc.stages.pruned_copy`).
+    ``types``: ``tensor_types(model)`` when the caller has it (it runs shape inference)."""
+    inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    if prune and fetch:
+        from ..stages import pruned_copy
+
+        aug = pruned_copy(model, fetch)
+    else:
+        aug = copy.deepcopy(model)
     outputs = {o.name for o in aug.graph.output}
-    types = tensor_types(model)
-    fetch = []
-    for t in dict.fromkeys(tensors):
-        if t in inputs:
-            continue
+    types = tensor_types(model) if types is None else types
+    for t in fetch:
         if t not in outputs:
             aug.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
-        fetch.append(t)
     return aug, fetch
 
 
@@ -253,7 +258,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                      total: int | None = None, token_mask: str | None = None,
                      observers: list | None = None, hessians: bool = True, optimize: str = "auto",
                      overlap: bool = True, precision: str = "float32",
-                     profile: dict | None = None, specs: list | None = None, prune: bool = False
+                     profile: dict | None = None, specs: list | None = None, prune: bool = False,
+                     edit: Callable[[onnx.ModelProto], None] | None = None, types: dict[str, int] | None = None
                      ) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
@@ -279,7 +285,9 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed.
 
     ``prune``: ONNX Runtime runs only the nodes the fetched tensors depend on (a stage of
-    :mod:`onnxobc.stages` needs the graph up to its layers' inputs, not the whole model)."""
+    :mod:`onnxobc.stages` needs the graph up to its layers' inputs, not the whole model). ``edit``, when given,
+    edits the copy that ONNX Runtime runs (``model`` itself is never changed), e.g.
+    :func:`onnxobc.stages.replace_weights`. ``types``: ``tensor_types(model)``, when the caller has it."""
     if precision not in ("float32", "float64"):
         raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
     dtype = np.float64 if precision == "float64" else None
@@ -287,11 +295,9 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     wanted = [c.input_name for layer in layers for c in layer.consumers]
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
-    aug, fetch = augment(model, wanted)
-    if prune:
-        from ..stages import prune_to
-
-        prune_to(aug, fetch)
+    aug, fetch = augment(model, wanted, prune=prune, types=types)
+    if edit is not None:
+        edit(aug)
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
                                         if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
