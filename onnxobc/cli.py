@@ -262,6 +262,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print(line + (" (before sparse storage)" if result.sparse_storage else ""))
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
+        if result.memory and result.memory["staged"]:
+            m = result.memory
+            print(f"calibrated in {m['stages']} {'sequential ' if m['sequential'] else ''}stages: Hessians held at most "
+                  f"{_fmt_bytes(m['hessian_bytes_held_peak'])} of {_fmt_bytes(m['hessian_bytes_total'])}")
         if result.sparse_storage:
             before = sum(t["bytes_before"] for t in result.sparse_storage)
             after = sum(t["bytes_after"] for t in result.sparse_storage)
