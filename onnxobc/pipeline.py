@@ -248,7 +248,14 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
     --sequential, a stage's pass runs the model whose earlier stages' weights are replaced by their compressed
     (float) values. Returns (solved, MACs, W8A8 ranges, samples, token mask, calibration seconds)."""
     from .graph import tensor_types
-    from .stages import replace_weights
+    from .stages import MB, replace_weights
+
+    if not isinstance(calib, (str, os.PathLike, list, tuple)):
+        why = ("--sequential" if stages.sequential else
+               f"the Hessians ({stages.total / MB:.0f} MB) exceed --stage-memory {stages.budget / MB:.0f} MB, so")
+        raise UsageError(f"{why} calibration runs in {len(stages.stages)} stages, reading the data once per stage: "
+                         "pass a path or a list of feeds, not a one-shot iterator or reader"
+                         + ("" if stages.sequential else " (or give a larger --stage-memory)"))
 
     types = tensor_types(work)  # once (shape inference), not once per pass
     solved: dict = {}

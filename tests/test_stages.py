@@ -12,6 +12,7 @@ from graphs import _init, _model, _node, _vi, _weights
 from onnxobc import CompressConfig, compress
 from onnxobc import pipeline
 from onnxobc.calibrate import collect_hessians, find_token_mask, hessian as hessian_mod
+from onnxobc.errors import UsageError
 from onnxobc.graph import find_layers
 from onnxobc.stages import hessian_bytes, layer_depths, plan_stages, pruned_copy, replace_weights
 
@@ -241,6 +242,15 @@ def test_sequential_w8a8_ranges_from_compressed_model(monkeypatch):
     st = made[-1].stats["r"]
     assert st.hi == pytest.approx(a.max(), rel=1e-5)
     assert res.activations  # the W8A8 pairs were written
+
+
+def test_stages_refuse_a_one_shot_iterator():
+    model, feeds, _ = gc.load_case("mixed_cnn")
+    with pytest.raises(UsageError, match="reading the data once per stage"):
+        compress(model, None, iter(feeds), CompressConfig(sparsity=0.5, sequential=True))
+    with pytest.raises(UsageError, match="larger --stage-memory"):
+        compress(model, None, iter(feeds), CompressConfig(sparsity=0.5, stage_memory=1e-6))
+    assert compress(model, None, iter(feeds), CompressConfig(sparsity=0.5)).memory["passes"] == 1
 
 
 def test_sequential_refuses_a_target():
