@@ -262,17 +262,16 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
     macs: dict = {}
     act = samples = token_mask = None
     t_cal = 0.0
-    prof: dict = {}
     for k, stage in enumerate(stages.stages):
         t = time.perf_counter()
         done = [(l, _weight(l, solved[l.name][0])) for l in todo if l.name in solved] if config.sequential else []
-        # the optimisation level: checked on the first pass; when none reproduced it bit for bit, the others
-        # run unoptimised without checking again (each check builds up to three more sessions)
+        # ONNX Runtime's optimisation level is searched on the first pass only; the others run unoptimised (exact
+        # by definition: the search keeps only levels that reproduce it), since each search builds three more
+        # sessions of the model
         stats, a, samples, token_mask = _calibrate(
             work, stage, specs, calib, config, progress, ranges=k == 0 and not config.sequential, act_layers=todo,
-            hessians=_need_hessians(todo, specs, config), prune=True, profile=prof, types=types,
-            edit=functools.partial(replace_weights, weights=done) if done else None,
-            optimize="off" if prof.get("level") == "off" else "auto")
+            hessians=_need_hessians(todo, specs, config), prune=True, types=types,
+            edit=functools.partial(replace_weights, weights=done) if done else None, optimize="auto" if k == 0 else "off")
         del done
         t_cal += time.perf_counter() - t
         act = act or a
