@@ -151,7 +151,7 @@ def _config_from_args(args: argparse.Namespace):
         act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
         batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, sequential=args.sequential, stage_memory=args.stage_memory,
     )
 
 
@@ -262,6 +262,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print(line + (" (before sparse storage)" if result.sparse_storage else ""))
         print(f"calibration {result.seconds['calibration']:.1f} s, compression {result.seconds['compression']:.1f} s, "
               f"total {result.seconds['total']:.1f} s")
+        if result.memory and result.memory["staged"]:
+            m = result.memory
+            print(f"calibrated in {m['stages']} {'sequential ' if m['sequential'] else ''}stages: Hessians held at most "
+                  f"{_fmt_bytes(m['hessian_bytes_held_peak'])} of {_fmt_bytes(m['hessian_bytes_total'])}")
         if result.sparse_storage:
             before = sum(t["bytes_before"] for t in result.sparse_storage)
             after = sum(t["bytes_after"] for t in result.sparse_storage)
@@ -461,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-layer-error", action="store_true",
                    help="do not compute the per-layer error column: with --method rtn or magnitude (which need no "
                         "Hessian) calibration then only runs the model, several times faster on large CNNs")
+    g.add_argument("--sequential", action="store_true",
+                   help="calibrate the layers in stages by depth, each on the model whose earlier layers are already "
+                        "compressed, so later layers compensate the earlier errors (one ONNX Runtime pass per stage)")
+    g.add_argument("--stage-memory", type=float, metavar="MB",
+                   help="MB of Hessians held at once: when all layers' Hessians need more, calibrate and solve in "
+                        "stages, one pass over the data each (default: half the available memory)")
     g.add_argument("--include", metavar="REGEX", help="only layers whose node or weight name matches")
     g.add_argument("--exclude", metavar="REGEX", help="skip layers whose node or weight name matches")
     g.add_argument("--plan", metavar="FILE",

@@ -55,6 +55,8 @@ class CompressConfig(LayerSpec):
     verify_data: str | None = None  # --verify-data: held-out data for --verify (implies it); default calibration
     executor: str = "local"  # where the layer solves run: 'local' (this process) or 'ray' (Ray tasks; onnxobc[ray])
     ray_address: str | None = None  # --ray-address: the Ray cluster to use (implies executor 'ray'); None: a local one
+    sequential: bool = False  # calibrate stage by stage on the model whose earlier stages are already compressed
+    stage_memory: float | None = None  # MB of Hessians held at once (None: half the available memory); over it: stages
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_axes, dict):
@@ -117,6 +119,12 @@ class CompressConfig(LayerSpec):
         if self.matmulnbits and self.plan is None and self.cand_bits is None and not self.target_size and (
                 self.bits is None or self.bits > 4):
             raise ValueError("--format matmulnbits stores 4-bit MatMul weights: give --bits 2, 3 or 4")
+        if self.stage_memory is not None and not self.stage_memory > 0:
+            raise ValueError(f"--stage-memory is in MB and must be > 0, got {self.stage_memory}")
+        if self.sequential and targets:
+            raise ValueError("--sequential cannot be combined with a --target-*: the allocation compares every layer's "
+                             "variants on the same dense inputs, before any layer is chosen (compress to the target, "
+                             "then rerun with --plan REPORT.json --sequential)")
         if self.verify_samples < 1:
             raise ValueError(f"--verify-samples must be >= 1, got {self.verify_samples}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

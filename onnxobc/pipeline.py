@@ -77,6 +77,7 @@ class CompressResult:
     cost: dict | None = None  # totals of the layers' costs
     allocation: dict | None = None  # compression to a target: budget, achieved cost, database use
     correction: list | None = None  # --stats-correction: per layer, the mean shift removed and the std ratios
+    memory: dict | None = None  # calibration stages and Hessian bytes held (onnxobc.stages.StagePlan.summary)
     extra: dict = field(default_factory=dict)  # not part of the report: 'model' holds the compressed ModelProto
 
     def to_dict(self) -> dict:
@@ -104,7 +105,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         is_proto or config.verify or config.act_calib == "search"))
     todo = [l for l in selected if specs[l.name] is not None]
     t_eng = time.perf_counter()
-    specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation = _compress_layers(
+    specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation, memory = _compress_layers(
         work, todo, specs, calib, config, progress)
     weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
     out_model, written = apply(work, todo, weights, ExportOptions.of(config),
@@ -121,6 +122,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         input_bytes=proto_bytes(original) if is_proto else model_file_bytes(model), verify=verify,
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
+        memory=memory,
     )
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
@@ -194,7 +196,7 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
                      progress: Progress):
     """Calibrate and solve every planned layer, or, with a target, build the database and allocate.
     Returns (specs, compressed layers, {name: (LayerResult, seconds)}, {name: MACs}, W8A8 ranges, samples,
-    token mask input, calibration seconds, allocation report)."""
+    token mask input, calibration seconds, allocation report, stages summary)."""
     t_cal = time.perf_counter()
     if config.target is not None:
         from .allocation import run as allocate_layers
@@ -209,22 +211,98 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
         if config.act_bits and todo:
             _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False)
         return (specs, todo, solved, macs, act, allocation["samples"], token_mask,
-                allocation["seconds"]["calibration"], allocation)
+                allocation["seconds"]["calibration"], allocation, None)
+    stages = _stage_plan(work, todo, specs, config)
+    if stages.staged:
+        return (specs, todo) + _compress_staged(work, todo, stages, specs, calib, config, progress) + (
+            None, stages.summary())
     stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
-    solved = {}
-    with executor_for(config) as ex:  # local: one after the other, as built; ray: tasks, results as they finish
-        jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in todo)
-        for name, res, seconds in progress(ex.solve(jobs), "compressing", len(todo)):
-            solved[name] = (res, seconds)
-    solved = {l.name: solved[l.name] for l in todo}  # the layers' order, wherever they were solved
+    solved = _solve_layers(todo, specs, stats, config, progress)
     macs = {l.name: _macs(l, stats[l.name]) for l in todo}
-    return specs, todo, solved, macs, act, samples, token_mask, t_cal, None
+    stages.note_held(stats)
+    return specs, todo, solved, macs, act, samples, token_mask, t_cal, None, stages.summary()
+
+
+def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: CompressConfig, progress: Progress,
+                  ex=None) -> dict:
+    """{name: (LayerResult, seconds)} for ``layers``, from their calibration statistics, on the executor ``ex``
+    (default: a new one from the config; stages share one, so that Ray starts once)."""
+    solved = {}
+    if ex is None:
+        with executor_for(config) as ex:
+            return _solve_layers(layers, specs, stats, config, progress, ex)
+    jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in layers)
+    for name, res, seconds in progress(ex.solve(jobs), "compressing", len(layers)):  # ray: as they finish
+        solved[name] = (res, seconds)
+    return {l.name: solved[l.name] for l in layers}  # the layers' order, wherever they were solved
+
+
+def _stage_plan(work: onnx.ModelProto, todo: list[Layer], specs: dict, config: CompressConfig):
+    """Which layers are calibrated together (onnxobc.stages): one pass unless the Hessians exceed the budget
+    (--stage-memory) or --sequential asks for stages by depth."""
+    from .stages import MB, plan_stages
+
+    return plan_stages(work, todo, sequential=config.sequential, hessians=_need_hessians(todo, specs, config),
+                       budget=None if config.stage_memory is None else int(config.stage_memory * MB))
+
+
+def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: dict, calib: Any,
+                     config: CompressConfig, progress: Progress):
+    """Calibrate and solve stage by stage, each stage's statistics freed before the next is formed. With
+    --sequential, a stage's pass runs the model whose earlier stages' weights are replaced by their compressed
+    (float) values. Returns (solved, MACs, W8A8 ranges, samples, token mask, calibration seconds)."""
+    from .graph import tensor_types
+    from .stages import MB, replace_weights
+
+    if not isinstance(calib, (str, os.PathLike, list, tuple)):
+        why = ("--sequential" if stages.sequential else
+               f"the Hessians ({stages.total / MB:.0f} MB) exceed --stage-memory {stages.budget / MB:.0f} MB, so")
+        raise UsageError(f"{why} calibration runs in {len(stages.stages)} stages, reading the data once per stage: "
+                         "pass a path or a list of feeds, not a one-shot iterator or reader"
+                         + ("" if stages.sequential else " (or give a larger --stage-memory)"))
+
+    types = tensor_types(work)  # once (shape inference), not once per pass
+    solved: dict = {}
+    macs: dict = {}
+    act = samples = token_mask = None
+    t_cal = 0.0
+    with executor_for(config) as ex:  # one for every stage (a Ray starts once)
+        for k, stage in enumerate(stages.stages):
+            t = time.perf_counter()
+            done = [(l, _weight(l, solved[l.name][0])) for l in todo if l.name in solved] if config.sequential else []
+            # ONNX Runtime's optimisation level is searched on the first pass only; the others run unoptimised (exact
+            # by definition: the search keeps only levels that reproduce it), since each search builds three more
+            # sessions of the model
+            stats, a, samples, token_mask = _calibrate(
+                work, stage, specs, calib, config, progress, ranges=k == 0 and not config.sequential, act_layers=todo,
+                hessians=_need_hessians(todo, specs, config), prune=True, types=types,
+                edit=functools.partial(replace_weights, weights=done) if done else None, optimize="auto" if k == 0 else "off")
+            del done
+            t_cal += time.perf_counter() - t
+            act = act or a
+            stages.note_held(stats)
+            solved.update(_solve_layers(stage, specs, stats, config, progress, ex))
+            macs.update({l.name: _macs(l, stats[l.name]) for l in stage})
+            del stats  # freed before the next stage's Hessians are formed
+    if config.sequential and config.act_bits:  # W8A8 ranges of the compressed model: one more pass, no Hessians
+        t = time.perf_counter()
+        done = [(l, _weight(l, solved[l.name][0])) for l in todo]
+        _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False, prune=True, types=types,
+                                  edit=functools.partial(replace_weights, weights=done))
+        t_cal += time.perf_counter() - t
+    return solved, macs, act, samples, token_mask, t_cal
+
+
+def _need_hessians(todo: list[Layer], specs: dict, config: CompressConfig) -> bool:
+    return config.layer_error or config.target is not None or any(specs[l.name].method in HESSIAN_METHODS for l in todo)
 
 
 def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
-               progress: Progress, *, ranges: bool = True, hessians: bool | None = None):
-    """Run the model on the calibration data: Hessians (or counts), and W8A8 activation ranges.
+               progress: Progress, *, ranges: bool = True, hessians: bool | None = None,
+               act_layers: list[Layer] | None = None, **collect):
+    """Run the model on the calibration data: Hessians (or counts) of ``todo``, and the W8A8 activation ranges
+    of ``act_layers`` (default ``todo``); ``collect``: more options of collect_hessians (prune, edit, ...).
     Returns (stats per layer, (sites, params thunk, notes) or None, samples, token mask input)."""
     if config.verify_data is not None and not os.path.exists(config.verify_data):
         raise UsageError(f"--verify-data {config.verify_data}: no such file or directory")
@@ -242,17 +320,16 @@ def _calibrate(model: onnx.ModelProto, todo: list[Layer], specs: dict, calib: An
         from .calibrate.ranges import RangeObserver
         from .export.actquant import plan_sites
 
-        sites, notes = plan_sites(model, todo)
+        sites, notes = plan_sites(model, todo if act_layers is None else act_layers)
         observers.append(RangeObserver([s.tensor for s in sites]))
         act = (sites, lambda: {s.tensor: observers[0].params(s.tensor, config.act_bits, config.act_calib,
                                                              config.act_percentile) for s in sites},
                [dict(note=n) for n in notes], observers[0])
-    need_h = hessians if hessians is not None else (config.layer_error or config.target is not None
-                                                    or any(specs[l.name].method in HESSIAN_METHODS for l in todo))
+    need_h = hessians if hessians is not None else _need_hessians(todo, specs, config)
     try:
         stats = collect_hessians(model, todo, batches, progress=progress,
                                  total=None if total is None else -(-total // config.batch_size), token_mask=token_mask,
-                                 observers=observers, hessians=need_h, specs=ins)
+                                 observers=observers, hessians=need_h, specs=ins, **collect)
     except CalibrationError as e:  # say how the inputs were sliced: a wrong batch axis fails inside ONNX Runtime
         if "ONNX Runtime failed" not in str(e):
             raise

@@ -41,7 +41,7 @@ def ray_cluster():
 def _strip(d):
     """A report without what may differ between the runs: timings, the executor options, the database folder."""
     if isinstance(d, dict):
-        return {k: _strip(v) for k, v in d.items() if k not in ("seconds", "executor", "ray_address", "database")}
+        return {k: _strip(v) for k, v in d.items() if k not in ("seconds", "executor", "ray_address", "database", "budget_bytes")}
     if isinstance(d, list):
         return [_strip(v) for v in d]
     return d

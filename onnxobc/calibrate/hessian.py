@@ -149,21 +149,39 @@ def choose_session(model: onnx.ModelProto | bytes | ModelFile, fetch: list[str],
     return ref_sess
 
 
-def augment(model: onnx.ModelProto, tensors: list[str],
-            expose: dict[str, tuple[int, int]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+def augment(model: onnx.ModelProto, tensors: list[str], expose: dict[str, tuple[int, int]] | None = None, *,
+            prune: bool = False, types: dict[str, int] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs).
-    ``expose`` names node outputs the graph leaves unnamed: {name: (node index, output slot)}."""
+    ``expose`` names node outputs the graph leaves unnamed: {name: (node index, output slot)}. ``prune``: the copy
+    holds only what ``tensors`` depend on and outputs only them (:func:`onnxobc.stages.pruned_copy`). ``types``:
+    ``tensor_types(model)`` when the caller has it (it runs shape inference)."""
+    types = tensor_types(model) if types is None else types
+    inputs = {i.name for i in model.graph.input}
+    wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    if prune and wanted:
+        from ..stages import pruned_copy
+
+        base = model
+        if expose:  # name the outputs first, so that pruning finds their producers (a rare extra copy)
+            base = copy.deepcopy(model)
+            _name_outputs(base, expose)
+        aug = pruned_copy(base, wanted)
+        return aug, _add_outputs(aug, types, tensors)
     aug = copy.deepcopy(model)
-    return aug, _add_outputs(aug, tensor_types(model), tensors, expose)
+    return aug, _add_outputs(aug, types, tensors, expose)
 
 
-def _add_outputs(aug: onnx.ModelProto, types: dict[str, int], tensors: list[str],
-                 expose: dict[str, tuple[int, int]] | None = None) -> list[str]:
-    for t, (idx, slot) in (expose or {}).items():
+def _name_outputs(aug: onnx.ModelProto, expose: dict[str, tuple[int, int]]) -> None:
+    for t, (idx, slot) in expose.items():
         node = aug.graph.node[idx]
         while len(node.output) <= slot:
             node.output.append("")
         node.output[slot] = t
+
+
+def _add_outputs(aug: onnx.ModelProto, types: dict[str, int], tensors: list[str],
+                 expose: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    _name_outputs(aug, expose or {})
     inputs = {i.name for i in aug.graph.input}
     outputs = {o.name for o in aug.graph.output}
     fetch = []
@@ -176,17 +194,26 @@ def _add_outputs(aug: onnx.ModelProto, types: dict[str, int], tensors: list[str]
     return fetch
 
 
-def augmented_source(model: onnx.ModelProto, tensors: list[str],
-                     expose: dict[str, tuple[int, int]] | None = None) -> tuple[bytes | ModelFile, list[str]]:
+def augmented_source(model: onnx.ModelProto, tensors: list[str], expose: dict[str, tuple[int, int]] | None = None,
+                     *, prune: bool = False, types: dict[str, int] | None = None,
+                     edit: Callable[[onnx.ModelProto], None] | None = None) -> tuple[bytes | ModelFile, list[str]]:
     """What ONNX Runtime reads the augmented model from (see :func:`augment`), and the fetched tensors: the
     augmented copy serialised, or beyond 2 GB a ModelFile whose graph has the outputs added (the weights are
-    written once and never copied in memory)."""
+    written once and never copied in memory; ``prune`` does not apply there). ``edit`` changes the copy before it
+    is serialised (e.g. :func:`onnxobc.stages.replace_weights`)."""
     if not needs_external_data(model):
-        aug, fetch = augment(model, tensors, expose)
+        aug, fetch = augment(model, tensors, expose, prune=prune, types=types)
+        if edit is not None:
+            edit(aug)
         return aug.SerializeToString(), fetch
-    types, fetch = tensor_types(model), []
-    src = ModelFile(model, edit=lambda small: fetch.extend(_add_outputs(small, types, tensors, expose)))
-    return src, fetch
+    types, fetch = tensor_types(model) if types is None else types, []
+
+    def change(small: onnx.ModelProto) -> None:
+        fetch.extend(_add_outputs(small, types, tensors, expose))
+        if edit is not None:
+            edit(small)
+
+    return ModelFile(model, edit=change), fetch
 
 
 def find_token_mask(model: onnx.ModelProto, name: str | None = "auto") -> str | None:
@@ -269,7 +296,9 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
                      total: int | None = None, token_mask: str | None = None,
                      observers: list | None = None, hessians: bool = True, optimize: str = "auto",
                      overlap: bool = True, precision: str = "float32",
-                     profile: dict | None = None, specs: list | None = None) -> dict[str, LayerStats]:
+                     profile: dict | None = None, specs: list | None = None, prune: bool = False,
+                     edit: Callable[[onnx.ModelProto], None] | None = None, types: dict[str, int] | None = None
+                     ) -> dict[str, LayerStats]:
     """Run the model on every batch and accumulate each layer's X X^T (per group; summed over the nodes
     that share a weight).
 
@@ -291,7 +320,12 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     "float64", which computes every product in float64). ``profile``, when given a dict, receives seconds
     spent per phase ("session": creating the first session; "level_check": the level search, on the ONNX
     Runtime thread; "ort_wait": waiting for a batch; "gram"; "observers") and per layer kind ("gram:Conv
-    1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed."""
+    1x1", ...), the chosen "level" and, per level tried, how many recorded tensors it changed.
+
+    ``prune``: ONNX Runtime runs only the nodes the fetched tensors depend on (a stage of
+    :mod:`onnxobc.stages` needs the graph up to its layers' inputs, not the whole model). ``edit``, when given,
+    edits the copy that ONNX Runtime runs (``model`` itself is never changed), e.g.
+    :func:`onnxobc.stages.replace_weights`. ``types``: ``tensor_types(model)``, when the caller has it."""
     if precision not in ("float32", "float64"):
         raise CalibrationError(f"precision={precision!r}: expected float32 or float64")
     dtype = np.float64 if precision == "float64" else None
@@ -301,7 +335,8 @@ def collect_hessians(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     observers = list(observers or [])
     wanted += [t for ob in observers for t in ob.tensors]
     src, fetch = augmented_source(model, wanted, {c.input_name: c.expose for layer in layers
-                                                  for c in layer.consumers if c.expose is not None})
+                                                  for c in layer.consumers if c.expose is not None},
+                                  prune=prune, types=types, edit=edit)
     stats = {
         layer.name: LayerStats(np.zeros((layer.groups, layer.cols, layer.cols)
                                         if hessians and not layer.layout.hessian_free else (layer.groups, 0, 0),
