@@ -350,3 +350,19 @@ def test_gru_with_an_unknown_gate_activation_is_skipped_with_its_reason():
     assert [l.name for l in layers] == ["rnn/W"]
     (s,) = [s for s in skipped if s.node_name == "rnn/R"]
     assert "Softsign" in s.reason
+
+
+@pytest.mark.parametrize("y_named", [True, False], ids=["Y-named", "Y-unnamed"])
+def test_staged_and_sequential_passes_record_the_hidden_states(y_named):
+    """Stages run a pruned copy of the graph: an unnamed Y must still be exposed there (it is named before the
+    copy is pruned), and the staged Hessians equal one pass's."""
+    m = rnn_model("LSTM", y_named=y_named)
+    feeds = [feed(12, seed=5)]
+    one = compress(m, None, feeds, CompressConfig(bits=4))
+    staged = compress(m, None, feeds, CompressConfig(bits=4, stage_memory=1e-6))  # every layer its own stage
+    assert staged.memory["staged"] and staged.memory["stages"] == 2
+    assert [(l.name, l.error) for l in staged.layers] == [(l.name, l.error) for l in one.layers]
+    for k, w in _weights(one.extra["model"]).items():
+        np.testing.assert_array_equal(_weights(staged.extra["model"])[k], w)
+    seq = compress(m, None, feeds, CompressConfig(bits=4, sequential=True))
+    assert {l.name for l in seq.layers} == {"rnn/W", "rnn/R"} and all(l.error is not None for l in seq.layers)
