@@ -89,7 +89,7 @@ def test_table_flags_tracebacks_and_baseline_ratio(ws):
             dict(model="m", config="obq4", rc=0, seconds=1.0, rel_l2=0.3, traceback=True),
             dict(model="m", config="rtn4", rc=0, seconds=1.0, rel_l2=0.2)]
     t = ws.markdown(rows)
-    line = {ln.split("|")[2].strip(): ln for ln in t.splitlines()[2:]}
+    line = {ln.split("|")[2].strip(): ln for ln in t.splitlines()[2:] if ln.startswith("|")}
     assert "0.25x baseline's error" in line["exact50"] and "0.1000 (0.0800)" in line["exact50"]
     assert "1.50x baseline's error (**not better**)" in line["obq4"] and "TRACEBACK" in line["obq4"]
 
