@@ -170,6 +170,8 @@ def test_uninferable_axis_fails_with_what_was_inferred_and_override_fixes_it(tmp
     ({"x": ["N", 3, "H", "W"]}, {"x": 0}),
     ({"x": ["unk__1", 224, 224, 3], "y": ["unk__2", 10]}, {"x": 0, "y": 0}),  # tf2onnx: one name per input
     ({"x": [1, 3, 8, 8], "flag": [1]}, {"x": 0, "flag": 0}),  # fully static: a fixed batch of 1
+    ({"input1": [1, 1, 64, "image_width"]}, {"input1": 0}),  # fixed batch of 1, dynamic width (ddddocr's OCR)
+    ({"x": [1, 3, "H", "W"], "flag": [1]}, {"x": 0, "flag": 0}),
     ({"seq": ["T", "N", 16], "h": [2, "N", 8], "x": ["N", 4]}, {"seq": 1, "h": 1, "x": 0}),
     ({"x": ["N", 8], "table": [10, 4]}, {"x": 0, "table": None}),
 ])

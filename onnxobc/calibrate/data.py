@@ -82,7 +82,8 @@ def _infer_batch_axes(raw: list[tuple[str, tuple]]) -> dict[str, tuple[int | Non
     The batch dim is the named symbolic dim that is axis 0 of the most inputs, then present in the most inputs,
     then earliest; an input that holds it is sliced along (the first) axis with it, e.g. ``state [2, N, 128]``
     along axis 1. An input without it is sliced along axis 0 when that axis is dynamic, else passed whole (a flag,
-    a fixed table, a scalar sample rate). A model without any dynamic dim is sliced along axis 0 (fixed batch).
+    a fixed table, a scalar sample rate). A model where no input has such a dim or a dynamic axis 0 (all static,
+    or only spatial dims dynamic: ``[1, 1, 64, width]``) is sliced along axis 0 (fixed batch).
     Placeholder names ('?', 'unk__12', '-1'-like) and names repeated within one input ('?' for both H and W of an
     image) say nothing about sharing, and a name never at axis 0 is not taken for the batch dim.
     """
@@ -97,7 +98,8 @@ def _infer_batch_axes(raw: list[tuple[str, tuple]]) -> dict[str, tuple[int | Non
             sc[1] += 1
     score = {k: v for k, v in score.items() if v[0] > 0}
     sym = max(score, key=lambda k: tuple(score[k])) if score else None
-    any_dynamic = any(not (isinstance(d, int) and d > 0) for _, shape in raw for d in shape)
+    any_batch = sym is not None or any(shape and not (isinstance(shape[0], int) and shape[0] > 0)
+                                       for _, shape in raw)
     out: dict[str, tuple[int | None, str]] = {}
     for name, shape in raw:
         if not shape:
@@ -106,7 +108,7 @@ def _infer_batch_axes(raw: list[tuple[str, tuple]]) -> dict[str, tuple[int | Non
             out[name] = (shape.index(sym), f"the shared dim '{sym}'")
         elif not (isinstance(shape[0], int) and shape[0] > 0):
             out[name] = (0, "dynamic axis 0")
-        elif not any_dynamic:
+        elif not any_batch:
             out[name] = (0, "axis 0, fixed batch")
         else:
             out[name] = (None, f"no '{sym}' dim" if sym else "no dynamic dim")

@@ -493,12 +493,46 @@ def _choose(candidates: list) -> tuple[_Graph, dict]:
 # public
 # ----------------------------------------------------------------------------------------------------------
 
+def _hoist_sparse_constants(model: onnx.ModelProto, min_sparsity: float, min_elements: int) -> int:
+    """Main-graph Constant nodes holding a float tensor (``value``) of at least ``min_elements`` elements with at
+    least ``min_sparsity`` exact zeros become initializers of the same name, so that they can be encoded like
+    any initializer: exporters such as Paddle's keep every weight in a Constant node, and compression writes
+    those in place. Same semantics (both are constants); needs IR >= 4 (initializers that are not inputs).
+    Returns how many were moved."""
+    if model.ir_version < 4:
+        return 0
+    g = model.graph
+    outputs = {v.name for v in g.output}
+    keep, moved = [], 0
+    for nd in g.node:
+        t = None
+        if nd.op_type == "Constant" and nd.domain in ("", "ai.onnx") and len(nd.attribute) == 1 \
+                and nd.attribute[0].name == "value" and nd.output[0] not in outputs:
+            t = nd.attribute[0].t
+        if (t is None or t.data_type not in _FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL
+                or math.prod(t.dims) < max(min_elements, 1)):
+            keep.append(nd)
+            continue
+        arr = numpy_helper.to_array(t)
+        if float((arr == 0).mean()) < min_sparsity:
+            keep.append(nd)
+            continue
+        init = numpy_helper.from_array(arr, nd.output[0])
+        g.initializer.append(init)
+        moved += 1
+    if moved:
+        del g.node[:]
+        g.node.extend(keep)
+    return moved
+
+
 def sparse_encode(model: onnx.ModelProto, *, min_sparsity: float = 0.3, min_elements: int = 256,
                   inplace: bool = False) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` (``model`` itself with ``inplace``) whose sparse initializers are stored compactly
     (see the module docstring).
 
-    Eligible: main-graph initializers of at least ``min_elements`` elements that are not graph inputs or
+    Eligible: main-graph initializers (and float Constant nodes, moved to initializers first when they hold
+    enough zeros) of at least ``min_elements`` elements that are not graph inputs or
     outputs, either float32/float16 with at least ``min_sparsity`` exact zeros, or uint8/int8 (uint4/int4
     at opset >= 21) codes read by input 0 of a DequantizeLinear whose zero point is a constant, with at least
     ``min_sparsity`` of the codes equal to their channel's zero point. A tensor is encoded only when its new
@@ -524,6 +558,7 @@ def sparse_encode(model: onnx.ModelProto, *, min_sparsity: float = 0.3, min_elem
                  "nothing encoded", MIN_OPSET, opset)
         return out, []
 
+    _hoist_sparse_constants(out, float(min_sparsity), int(min_elements))
     g = out.graph
     names = _Names.of(out)
     front: list[onnx.NodeProto] = []
