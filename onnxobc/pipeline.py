@@ -26,6 +26,7 @@ from .errors import CalibrationError, UsageError
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes, validate
+from .layer_notes import dead_input_note, slow_layer_notes
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
@@ -128,6 +129,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2] + smooth_notes + (written.finish or []),
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
     )
+    slow_layer_notes(result.layers)
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
         save_model_atomic(out_model, out_path)
@@ -339,7 +341,11 @@ def _solve(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> LayerRe
     problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), H,
                       layer.layout.channels_last_perm(layer.weight.shape),
                       functools.partial(layer.layout.group_size_problem, layer.weight.shape))
-    return solve(problem, spec)
+    res = solve(problem, spec)
+    note = dead_input_note(layer, H, res)
+    if note is not None:
+        res.notes.append(note)
+    return res
 
 
 def _solve_lookup(layer: Layer, spec: LayerSpec, st) -> LayerResult:
