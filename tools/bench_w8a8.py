@@ -5,7 +5,8 @@
         [--out DIR] [--opset 13] [--samples N]
 
 (more configs: a8_minmax_bc, a8_search_bc (``--act-bias-correction``), a8_smooth, a8_smooth_bc, a8_smooth_search
-(``--smooth-alpha 0.5``), nncf_transformer (NNCF with ``model_type=TRANSFORMER``, its SmoothQuant on)).
+(``--smooth-alpha 0.5``), nncf_transformer (NNCF with ``model_type=TRANSFORMER``, its SmoothQuant on),
+ort_minmax_layers (ORT with ``op_types_to_quantize`` MatMul / Gemm / Conv, the layers onnxobc quantizes)).
 
 Every candidate is compared with the input model by ``onnxobc.evaluate`` on the test split (rel L2 of the first
 output, top-1 agreement and accuracy where it applies). ORT and NNCF get the model converted to ``--opset`` (ORT's
@@ -60,7 +61,7 @@ def _reader(calib: str, names: list[str], batch: int):
     return R()
 
 
-def _ort(src: Path, calib: str, out: Path, method: str, name: list[str]) -> None:
+def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_only: bool = False) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -69,7 +70,10 @@ def _ort(src: Path, calib: str, out: Path, method: str, name: list[str]) -> None
     quantize_static(str(pre), str(out), _reader(calib, name, 16), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                                      "entropy": CalibrationMethod.Entropy}[method])
+                                      "entropy": CalibrationMethod.Entropy}[method],
+                    # layers_only: the layers onnxobc quantizes, as onnxobc does (ORT's default also quantizes
+                    # Add, Mul, Softmax, LayerNorm... inputs where it has QDQ support)
+                    **({"op_types_to_quantize": ["MatMul", "Gemm", "Conv"]} if layers_only else {}))
 
 
 def _nncf(src: Path, calib: str, out: Path, name: list[str], transformer: bool = False) -> None:
@@ -93,7 +97,7 @@ def main() -> None:
                     "readers; default: every graph input found in the calibration file)")
     ap.add_argument("--configs", default="w8,a8_minmax,a8_percentile,a8_mse,a8_search,ort_minmax,ort_percentile,"
                     "ort_entropy,nncf", help="any of " + ", ".join(list(ONNXOBC) + ["ort_minmax", "ort_percentile", "ort_entropy", "nncf",
-                                                               "nncf_transformer"]))
+                                                               "nncf_transformer", "ort_minmax_layers"]))
     ap.add_argument("--samples", type=int, default=None, help="calibration samples for onnxobc (default: all)")
     ap.add_argument("--out", default=".cache/bench_w8a8")
     ap.add_argument("--opset", type=int, default=13)
@@ -124,7 +128,8 @@ def main() -> None:
                 if rc:
                     raise RuntimeError(f"onnxobc exit {rc}")
             elif cfg.startswith("ort_"):
-                _ort(converted, args.calib, cand, cfg[4:], inputs)
+                _ort(converted, args.calib, cand, cfg[4:].removesuffix("_layers"), inputs,
+                     layers_only=cfg.endswith("_layers"))
             elif cfg in ("nncf", "nncf_transformer"):
                 _nncf(converted, args.calib, cand, inputs, transformer=cfg == "nncf_transformer")
             else:
