@@ -323,7 +323,7 @@ def _act_bias_correction(dense: onnx.ModelProto, calib: Any, config: CompressCon
 
     feeds = list(iter_batches(calib, _inputs(dense, config), batch_size=config.batch_size,
                               max_samples=config.correction_samples))
-    rep = correct_biases(dense, model, feeds)
+    rep = correct_biases(dense, model, feeds, token_mask=find_token_mask(dense, config.token_mask))
     done = [r for r in rep if "shift" in r and "note" not in r]
     notes = [dict(note=f"bias correction on {len(feeds)} calibration batches (at most --correction-samples "
                        f"{config.correction_samples} samples): {len(done)} layers corrected, mean output shift "

@@ -61,15 +61,19 @@ def correction_sites(model: onnx.ModelProto, dense_tensors: set[str]) -> tuple[l
     return sites, notes
 
 
-def _channel_mean(y: np.ndarray, op: str) -> np.ndarray:
+def _channel_mean(y: np.ndarray, op: str, mask: np.ndarray | None = None) -> np.ndarray:
     y = np.asarray(y, np.float64)
+    if op != "Conv" and mask is not None and y.ndim == 3 and y.shape[:2] == mask.shape:
+        y = y[mask]  # real tokens only: what padded positions compute is not used downstream
     axis = 1 if op == "Conv" else y.ndim - 1
     return np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis]).mean(0)
 
 
-def _means(model: onnx.ModelProto, outs: list[tuple[str, str]], feeds: list[dict]) -> list[np.ndarray]:
-    """Per-channel means of tensors ``outs`` ((name, op)) over ``feeds``, with ONNX Runtime's optimisations on
-    (the integer kernels as deployed)."""
+def _means(model: onnx.ModelProto, outs: list[tuple[str, str]], feeds: list[dict], token_mask: str | None = None
+           ) -> list[np.ndarray]:
+    """Per-channel means of tensors ``outs`` ((name, op)) over ``feeds`` (over the real tokens where
+    ``token_mask`` names the attention-mask input), with ONNX Runtime's optimisations on (the integer kernels as
+    deployed)."""
     import onnxruntime as ort
 
     from ..runtime import inference_session
@@ -83,8 +87,9 @@ def _means(model: onnx.ModelProto, outs: list[tuple[str, str]], feeds: list[dict
     count = 0
     for f in feeds:
         vals = dict(zip(fetch, sess.run(fetch, f)))
+        mask = None if token_mask is None or token_mask not in f else np.asarray(f[token_mask]) != 0
         for i, (o, op) in enumerate(outs):
-            m = _channel_mean(vals[o], op)
+            m = _channel_mean(vals[o], op, mask)
             acc[i] = m if count == 0 else acc[i] + m
         count += 1
     return [a / max(count, 1) for a in acc]
@@ -225,10 +230,11 @@ def _independent_groups(model: onnx.ModelProto, sites: list[onnx.NodeProto], lim
     return groups
 
 
-def correct_biases(dense: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict], chunk: int = 8
-                   ) -> list[dict]:
+def correct_biases(dense: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict], chunk: int = 8,
+                   token_mask: str | None = None) -> list[dict]:
     """Correct the layer biases of the W8A8 ``model`` IN PLACE toward the dense model's per-channel output
-    means on ``feeds`` (see the module docstring); returns one entry per layer: {layer, shift, corrected
+    means on ``feeds`` (see the module docstring; ``token_mask``: the attention-mask input, whose padded
+    positions are left out of the means); returns one entry per layer: {layer, shift, corrected
     or note}."""
     from ..graph.layers import tensor_types
 
@@ -236,10 +242,11 @@ def correct_biases(dense: onnx.ModelProto, model: onnx.ModelProto, feeds: list[d
     report: list[dict] = [dict(note=t) for t in notes]
     if not sites:
         return report
-    ref = dict(zip([n.output[0] for n in sites], _means(dense, [(n.output[0], n.op_type) for n in sites], feeds)))
+    ref = dict(zip([n.output[0] for n in sites], _means(dense, [(n.output[0], n.op_type) for n in sites], feeds,
+                                                           token_mask)))
     runs = 1
     for part in _independent_groups(model, sites, chunk):
-        cur = _means(model, [(n.output[0], n.op_type) for n in part], feeds)
+        cur = _means(model, [(n.output[0], n.op_type) for n in part], feeds, token_mask)
         runs += 1
         writer = _BiasWriter(model)
         for n, mu in zip(part, cur):
