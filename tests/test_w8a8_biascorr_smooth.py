@@ -173,3 +173,44 @@ def test_smooth_alpha_reduces_w8a8_error_on_outlier_channels():
     assert smoothed < plain / 2, (plain, smoothed)
     notes = [a["note"] for a in res.activations if "note" in a]
     assert any("h: smoothed (alpha 0.5) for mm_q, mm_k" in n for n in notes), notes
+
+
+def gelu_tail(shared=False):
+    """x -> Relu -> Mul(., 0.5) -> MatMul (a GELU's final constant Mul before an FFN output layer), and a
+    Mul of two activations -> MatMul (nothing to fold into). ``shared``: the first Mul's output is also a
+    graph output."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Relu", ["X"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "half"], ["g"], name="gelu_half"),
+             helper.make_node("MatMul", ["g", "w1"], ["Y"], name="ffn_out"),
+             helper.make_node("Mul", ["X", "r"], ["p"], name="prod"),
+             helper.make_node("MatMul", ["p", "w2"], ["Z"], name="other")]
+    outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["N", 8])]
+    if shared:
+        outs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 16]))
+    g = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])], outs,
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+
+
+def test_smoothing_folds_into_a_constant_mul():
+    model = gelu_tail()
+    x = (np.random.default_rng(0).standard_normal((32, 16)) * np.linspace(0.1, 20, 16)).astype(np.float32)
+    m = copy.deepcopy(model)
+    rep = smooth(m, 0.5, [{"X": x}])
+    onnx.checker.check_model(m)
+    for a, b in zip(_run(m, {"X": x}), _run(model, {"X": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    done = [r for r in rep if "tensor" in r]
+    assert [(r["tensor"], r["producer"], r["duplicated"]) for r in done] == [("g", "Mul", False)]
+    assert done[0]["absmax_ratio_after"] < done[0]["absmax_ratio_before"]
+    assert len(m.graph.node) == len(model.graph.node)  # no node added
+    assert any("other: not smoothed (its input comes from a Mul of two activations)" in r.get("note", "") for r in rep)
+    shared = gelu_tail(shared=True)
+    rep = smooth(shared, 0.5, [{"X": x}])
+    assert not [r for r in rep if "tensor" in r]
+    assert any("a Mul whose output other nodes read too" in r.get("note", "") for r in rep)

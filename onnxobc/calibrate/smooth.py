@@ -13,9 +13,12 @@ The division must cost nothing at run time, so it is folded into the producer:
   Scale and B are divided by s, exact. When the LayerNorm's output also has other readers (a BERT-style residual
   Add), the LayerNorm is duplicated: the copy with the divided Scale / B feeds only the smoothed MatMuls, the
   original keeps feeding the rest (an extra LayerNorm, no extra Mul).
-* anything else (a GELU output, an attention context through Reshape / Transpose) is left alone and reported: a
-  separate Mul in front of the integer MatMul would cost a pass over the activation, and an unfused Mul is not
-  what this option promises.
+* a ``Mul`` by a constant (one value, or one per last-axis channel) whose output only MatMul / Gemm layers read,
+  such as the final ``x 0.5`` of a decomposed GELU in front of a transformer's FFN output layer: the constant
+  becomes a per-channel vector divided by s, exact and free.
+* anything else (an attention context through Reshape / Transpose) is left alone and reported: a separate Mul
+  in front of the integer MatMul would cost a pass over the activation, and an unfused Mul is not what this
+  option promises.
 
 The transformation is exact in float (up to rounding): it changes only what the 8-bit grids see.
 """
@@ -38,7 +41,7 @@ MIN_SCALE = 1e-5
 @dataclass
 class _Group:
     tensor: str  # the activation the MatMuls read
-    producer: int  # index of the LayerNormalization node
+    producer: int  # index of the LayerNormalization or Mul node
     readers: list[tuple[int, str, bool]] = field(default_factory=list)  # (node index, weight name, transposed)
 
 
@@ -79,8 +82,10 @@ def smoothing_groups(model: onnx.ModelProto) -> tuple[list[_Group], list[str]]:
             why = "its input is a graph input"
         else:
             prod = ix.node(p)
-            if prod.op_type != "LayerNormalization" or prod.domain not in ("", "ai.onnx"):
-                why = f"its input comes from {prod.op_type}, not a LayerNormalization"
+            if prod.op_type == "Mul" and prod.domain in ("", "ai.onnx"):
+                why = _constant_mul_why(ix, prod, x)
+            elif prod.op_type != "LayerNormalization" or prod.domain not in ("", "ai.onnx"):
+                why = f"its input comes from {prod.op_type}, not a LayerNormalization or a Mul by a constant"
             elif next((a.i for a in prod.attribute if a.name == "axis"), -1) != -1:
                 why = "LayerNormalization not over the last axis only"
             elif len(prod.input) < 2 or ix.constant_value(prod.input[1]) is None or (
@@ -93,6 +98,30 @@ def smoothing_groups(model: onnx.ModelProto) -> tuple[list[_Group], list[str]]:
             continue
         groups.setdefault(x, _Group(x, p)).readers.append((i, *wr))
     return list(groups.values()), notes
+
+
+def _mul_constant(ix: GraphIndex, mul: onnx.NodeProto) -> tuple[int, np.ndarray] | None:
+    """(index of the constant operand, its value) of a two-input Mul with exactly one constant operand."""
+    vals = [ix.constant_value(t) for t in mul.input[:2]]
+    if len(mul.input) != 2 or sum(v is not None for v in vals) != 1:
+        return None
+    k = 0 if vals[0] is not None else 1
+    return k, vals[k]
+
+
+def _constant_mul_why(ix: GraphIndex, mul: onnx.NodeProto, x: str) -> str | None:
+    """Why a Mul producing ``x`` cannot take the 1/s (None when it can: a Mul by a constant that is one value or
+    one value per last-axis channel, whose output only MatMul / Gemm layers read, e.g. GELU's final x 0.5)."""
+    c = _mul_constant(ix, mul)
+    if c is None:
+        return "its input comes from a Mul of two activations"
+    v = c[1]
+    if v.dtype.kind != "f" or (v.ndim > 0 and (v.size != v.shape[-1] and v.size != 1)):
+        return "its input comes from a Mul by a constant that is not per channel"
+    if x in ix.graph_outputs or ix.subgraph_users.get(x) or any(
+            ix.node(u).op_type not in ("MatMul", "Gemm") for u, _ in ix.users.get(x, [])):
+        return "its input comes from a Mul whose output other nodes read too"
+    return None
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
@@ -112,6 +141,23 @@ def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]
             m = np.abs(np.asarray(v, np.float64)).reshape(-1, v.shape[-1]).max(0)
             out[t] = m if t not in out else np.maximum(out[t], m)
     return out
+
+
+def _scale_rows(ix: GraphIndex, grp: _Group, s: np.ndarray) -> None:
+    """Multiply input row j of every reader's weight by s_j, in place."""
+    for _, w, trans in grp.readers:
+        t = ix.inits[w]
+        v = numpy_helper.to_array(t)
+        new = v.astype(np.float64) * (s[None, :] if trans else s[:, None])
+        t.CopyFrom(numpy_helper.from_array(new.astype(v.dtype), t.name))
+
+
+def _entry(grp: _Group, g_nodes, duplicated: bool, xmax: np.ndarray, after: np.ndarray, s: np.ndarray) -> dict:
+    return dict(tensor=grp.tensor, layers=[g_nodes[i].name or g_nodes[i].output[0] for i, _, _ in grp.readers],
+                producer=g_nodes[grp.producer].op_type, duplicated=duplicated, absmax_before=float(xmax.max()),
+                absmax_ratio_before=float(xmax.max() / max(np.median(xmax), 1e-30)),
+                absmax_after=float(after.max()), absmax_ratio_after=float(after.max() / max(np.median(after), 1e-30)),
+                s_min=float(s.min()), s_max=float(s.max()))
 
 
 def smooth(model: onnx.ModelProto, alpha: float, feeds: list[dict]) -> list[dict]:
@@ -145,6 +191,19 @@ def smooth(model: onnx.ModelProto, alpha: float, feeds: list[dict]) -> list[dict
         s[ok] = xmax[ok] ** alpha / wmax[ok] ** (1 - alpha)
         s = np.maximum(s, MIN_SCALE)
         ln = g_nodes[grp.producer]
+        if ln.op_type == "Mul":
+            k, v = _mul_constant(ix, ln)
+            if v.ndim > 0 and v.size not in (1, s.size):
+                report.append(dict(note=f"{grp.tensor}: not smoothed (the Mul's constant does not match its channels)"))
+                continue
+            cn = fresh(f"{ln.input[k]}_smoothed")
+            model.graph.initializer.append(numpy_helper.from_array(
+                (np.broadcast_to(v.reshape(-1).astype(np.float64), s.shape) / s).astype(v.dtype), cn))
+            ln.input[k] = cn
+            _scale_rows(ix, grp, s)
+            after = xmax / s
+            report.append(_entry(grp, g_nodes, False, xmax, after, s))
+            continue
         gamma = ix.constant_value(ln.input[1]).astype(np.float64)
         beta = ix.constant_value(ln.input[2]).astype(np.float64) if len(ln.input) > 2 and ln.input[2] else None
         if gamma.shape not in ((s.size,), ()) or (beta is not None and beta.shape not in ((s.size,), ())):
@@ -172,18 +231,8 @@ def smooth(model: onnx.ModelProto, alpha: float, feeds: list[dict]) -> list[dict
             dead.update(t for t in ln.input[1:] if t)
             del ln.input[1:]
             ln.input.extend(new_in[1:])
-        for i, w, trans in grp.readers:
-            t = ix.inits[w]
-            v = numpy_helper.to_array(t).astype(np.float64)
-            v = v * (s[None, :] if trans else s[:, None])
-            t.CopyFrom(numpy_helper.from_array(v.astype(numpy_helper.to_array(t).dtype), t.name))
-        after = xmax / s
-        report.append(dict(tensor=grp.tensor, layers=[g_nodes[i].name or g_nodes[i].output[0] for i, _, _ in grp.readers],
-                           duplicated=duplicated, absmax_before=float(xmax.max()),
-                           absmax_ratio_before=float(xmax.max() / max(np.median(xmax), 1e-30)),
-                           absmax_after=float(after.max()),
-                           absmax_ratio_after=float(after.max() / max(np.median(after), 1e-30)),
-                           s_min=float(s.min()), s_max=float(s.max())))
+        _scale_rows(ix, grp, s)
+        report.append(_entry(grp, g_nodes, duplicated, xmax, xmax / s, s))
     for pos, node in sorted(inserts, key=lambda p: -p[0]):
         g_nodes.insert(pos + 1, node)
     from ..export.writeback import remove_unused
