@@ -83,7 +83,7 @@ def smoothing_groups(model: onnx.ModelProto) -> tuple[list[_Group], list[str]]:
         else:
             prod = ix.node(p)
             if prod.op_type == "Mul" and prod.domain in ("", "ai.onnx"):
-                why = _constant_mul_why(ix, prod, x)
+                p, why = _foldable_mul(ix, p, x)
             elif prod.op_type != "LayerNormalization" or prod.domain not in ("", "ai.onnx"):
                 why = f"its input comes from {prod.op_type}, not a LayerNormalization or a Mul by a constant"
             elif next((a.i for a in prod.attribute if a.name == "axis"), -1) != -1:
@@ -109,19 +109,31 @@ def _mul_constant(ix: GraphIndex, mul: onnx.NodeProto) -> tuple[int, np.ndarray]
     return k, vals[k]
 
 
-def _constant_mul_why(ix: GraphIndex, mul: onnx.NodeProto, x: str) -> str | None:
-    """Why a Mul producing ``x`` cannot take the 1/s (None when it can: a Mul by a constant that is one value or
-    one value per last-axis channel, whose output only MatMul / Gemm layers read, e.g. GELU's final x 0.5)."""
-    c = _mul_constant(ix, mul)
-    if c is None:
-        return "its input comes from a Mul of two activations"
-    v = c[1]
-    if v.dtype.kind != "f" or (v.ndim > 0 and (v.size != v.shape[-1] and v.size != 1)):
-        return "its input comes from a Mul by a constant that is not per channel"
+def _foldable_mul(ix: GraphIndex, idx: int, x: str) -> tuple[int, str | None]:
+    """(index of the Mul node whose constant takes the 1/s, None) for the Mul ``idx`` producing ``x``, or
+    (idx, why not). The Mul's constant must be one value or one value per last-axis channel, and ``x`` read
+    only by MatMul / Gemm layers. A Mul of two activations (GELU as x * (0.5 * (1 + erf(...)))) qualifies
+    through an operand that is itself a Mul by a constant read by nothing else: scaling either factor of an
+    elementwise product scales the product."""
     if x in ix.graph_outputs or ix.subgraph_users.get(x) or any(
             ix.node(u).op_type not in ("MatMul", "Gemm") for u, _ in ix.users.get(x, [])):
-        return "its input comes from a Mul whose output other nodes read too"
-    return None
+        return idx, "its input comes from a Mul whose output other nodes read too"
+    mul = ix.node(idx)
+    target = idx
+    if _mul_constant(ix, mul) is None:
+        target = None
+        for t in mul.input[:2]:
+            q = ix.producer.get(t)
+            if (q is not None and ix.node(q).op_type == "Mul" and _mul_constant(ix, ix.node(q)) is not None
+                    and ix.use_count(t) == 1 and t not in ix.graph_outputs and not ix.subgraph_users.get(t)):
+                target = q
+                break
+        if target is None:
+            return idx, "its input comes from a Mul of two activations, neither a Mul by a constant of its own"
+    v = _mul_constant(ix, ix.node(target))[1]
+    if v.dtype.kind != "f" or (v.ndim > 0 and v.size != v.shape[-1] and v.size != 1):
+        return idx, "its input comes from a Mul by a constant that is not per channel"
+    return target, None
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
