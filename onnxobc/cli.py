@@ -148,7 +148,8 @@ def _config_from_args(args: argparse.Namespace):
         accuracy_level=args.accuracy_level, opset=args.opset,
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
-        act_percentile=args.act_percentile, layer_error=not args.no_layer_error,
+        act_percentile=args.act_percentile, act_bias_correction=args.act_bias_correction,
+        smooth_alpha=args.smooth_alpha, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
         batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
         ray_address=args.ray_address, sequential=args.sequential, stage_memory=args.stage_memory,
@@ -532,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the costliest tensors kept in float until W8A8 is within 2x of the weight-only error (reported)")
     a.add_argument("--act-percentile", type=float, default=99.99, metavar="P",
                    help="percentile for --act-calib percentile (default 99.99; the low end uses 100 - P)")
+    a.add_argument("--act-bias-correction", action="store_true",
+                   help="after placing the activation grids, subtract each layer's mean output shift (W8A8 vs dense, "
+                        "per output channel, on the calibration data) from its bias, layer by layer")
+    a.add_argument("--smooth-alpha", type=float, metavar="A",
+                   help="SmoothQuant: divide the channels of LayerNorm outputs read by MatMul/Gemm layers by "
+                        "max|x|^A / max|w|^(1-A), folded into the LayerNorm, the weights' rows multiplied (e.g. 0.5)")
     x = pc.add_argument_group("output format")
     x.add_argument("--format", choices=["float", "qdq", "matmulnbits"], default="float",
                    help="how quantized weights are stored: float (fake-quantized, default); qdq (integer "

@@ -26,6 +26,7 @@ from .executor import SolveJob, executor_for
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
 from .graph.model_io import model_file_bytes, proto_bytes, validate
+from .layer_notes import dead_input_note, slow_layer_notes
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
 
@@ -102,7 +103,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     original = _load(model)
     in_name = "<ModelProto>" if is_proto else str(model)
     work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=(
-        is_proto or config.verify or config.act_calib == "search"))
+        is_proto or config.verify or config.act_calib == "search" or config.act_bias_correction
+        or config.smooth_alpha is not None))
+    smooth_notes = []
+    if config.smooth_alpha is not None:
+        layers, skipped, selected, specs, smooth_notes = _smooth(work, layers, selected, specs, calib, config)
     todo = [l for l in selected if specs[l.name] is not None]
     t_eng = time.perf_counter()
     specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation, memory = _compress_layers(
@@ -110,7 +115,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
     out_model, written = apply(work, todo, weights, ExportOptions.of(config),
                                activations=act and functools.partial(_act_params, act, original, calib, config),
-                               correct=_correction(work, todo, calib, config, token_mask))
+                               correct=_correction(work, todo, calib, config, token_mask),
+                               finish=act and config.act_bias_correction and functools.partial(
+                                   _act_bias_correction, original, calib, config))
     t_eng = time.perf_counter() - t_eng - t_cal
     verify = _verify(original, out_model, calib, config, samples) if config.verify else None  # before anything is written
     result = CompressResult(
@@ -120,10 +127,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
         input_bytes=proto_bytes(original) if is_proto else model_file_bytes(model), verify=verify,
-        sparse_storage=written.sparse_storage, activations=None if act is None else written.activations + act[2],
+        sparse_storage=written.sparse_storage,
+        activations=None if act is None else written.activations + act[2] + smooth_notes + (written.finish or []),
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
         memory=memory,
     )
+    slow_layer_notes(result.layers)
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
         save_model_atomic(out_model, out_path)
@@ -181,15 +190,44 @@ def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, co
     elif work is original and copy_needed:
         work = copy.deepcopy(work)  # the one copy: calibration reads it, then apply edits it
     if changed:  # nodes moved (or weights were folded): find the layers again, matched by any stable name
-        def keys(l: Layer) -> set[str]:
-            return {l.weight_name, l.name, (l.consumers[0].output_name, l.layout.weight_input)}
-
-        old = [(keys(l), specs[l.name], l in selected) for l in layers]
-        layers, skipped = find_layers(work)
-        match = {l.name: next(((sp, sel) for k, sp, sel in old if k & keys(l)), (None, False)) for l in layers}
-        specs = {n: m[0] for n, m in match.items()}
-        selected = [l for l in layers if match[l.name][1]]
+        layers, skipped, selected, specs = _refind(work, layers, selected, specs)
     return work, layers, skipped, selected, specs
+
+
+def _refind(work: onnx.ModelProto, layers: list[Layer], selected: list[Layer], specs: dict):
+    """The layers of the edited ``work`` matched to the old ones by any stable name: (layers, skipped, selected,
+    specs)."""
+    def keys(l: Layer) -> set[str]:
+        return {l.weight_name, l.name, (l.consumers[0].output_name, l.layout.weight_input)}
+
+    old = [(keys(l), specs[l.name], l in selected) for l in layers]
+    layers, skipped = find_layers(work)
+    match = {l.name: next(((sp, sel) for k, sp, sel in old if k & keys(l)), (None, False)) for l in layers}
+    specs = {n: m[0] for n, m in match.items()}
+    selected = [l for l in layers if match[l.name][1]]
+    return layers, skipped, selected, specs
+
+
+def _smooth(work: onnx.ModelProto, layers: list[Layer], selected: list[Layer], specs: dict, calib: Any,
+            config: CompressConfig):
+    """--smooth-alpha: SmoothQuant's migration on ``work`` (in place, exact in float), then the layers found
+    again (their weights changed). Returns (layers, skipped, selected, specs, notes for the report)."""
+    from .calibrate.smooth import smooth
+
+    if not isinstance(calib, (str, os.PathLike, list, tuple)):
+        raise UsageError("--smooth-alpha reads the calibration data twice: pass a path or a list of feeds")
+    feeds = list(iter_batches(calib, _inputs(work, config), batch_size=config.batch_size,
+                              max_samples=config.samples))
+    rep = smooth(work, config.smooth_alpha, feeds)
+    notes = [dict(note=r["note"]) for r in rep if "note" in r]
+    for r in rep:
+        if "tensor" in r:
+            notes.append(dict(note=(
+                f"{r['tensor']}: smoothed (alpha {config.smooth_alpha:g}) for {', '.join(r['layers'])}; channel "
+                f"max|x| {r['absmax_before']:.4g} ({r['absmax_ratio_before']:.1f}x the median channel) -> "
+                f"{r['absmax_after']:.4g} ({r['absmax_ratio_after']:.1f}x)"
+                + ("; its LayerNorm duplicated (the original output has other readers)" if r["duplicated"] else ""))))
+    return (*_refind(work, layers, selected, specs), notes)
 
 
 def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, calib: Any, config: CompressConfig,
@@ -233,7 +271,12 @@ def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: Compres
         with executor_for(config) as ex:
             return _solve_layers(layers, specs, stats, config, progress, ex)
     jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in layers)
+    by_name = {l.name: l for l in layers}
     for name, res, seconds in progress(ex.solve(jobs), "compressing", len(layers)):  # ray: as they finish
+        st = stats[name]
+        note = dead_input_note(by_name[name], st.xtx if st.has_hessian else None, res)
+        if note is not None:
+            res.notes.append(note)
         solved[name] = (res, seconds)
     return {l.name: solved[l.name] for l in layers}  # the layers' order, wherever they were solved
 
@@ -356,6 +399,23 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
                                                          insert_activation_qdq, config.act_bits)
         notes += [dict(note=n) for n in search_notes(search)]
     return sites, params
+
+
+def _act_bias_correction(dense: onnx.ModelProto, calib: Any, config: CompressConfig, model: onnx.ModelProto
+                         ) -> list[dict]:
+    """--act-bias-correction, on the written W8A8 model (in place); returns notes for the activation report."""
+    from .calibrate.biascorr import correct_biases
+
+    feeds = list(iter_batches(calib, _inputs(dense, config), batch_size=config.batch_size,
+                              max_samples=config.correction_samples))
+    rep = correct_biases(dense, model, feeds, token_mask=find_token_mask(dense, config.token_mask))
+    done = [r for r in rep if "shift" in r and "note" not in r]
+    notes = [dict(note=f"bias correction on {len(feeds)} calibration batches (at most --correction-samples "
+                       f"{config.correction_samples} samples): {len(done)} layers corrected, mean output shift "
+                       f"(RMS over channels) "
+                       f"{float(np.mean([r['shift'] for r in done])) if done else 0.0:.3g}")]
+    notes += [dict(note=f"{r.get('layer', '')}: {r['note']}".lstrip(": ")) for r in rep if "note" in r]
+    return notes
 
 
 def _job(layer: Layer, spec: LayerSpec, st, config: CompressConfig) -> SolveJob:

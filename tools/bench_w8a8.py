@@ -1,13 +1,17 @@
 """W8A8 against 8-bit weight-only, ONNX Runtime's quantize_static and NNCF's quantize, on one model.
 
-    python tools/bench_w8a8.py MODEL.onnx --calib calib.npz --test test.npz [--labels label] [--input x]
+    python tools/bench_w8a8.py MODEL.onnx --calib calib.npz --test test.npz [--labels label] [--input x,y]
         [--configs w8,a8_minmax,a8_percentile,a8_mse,a8_search,ort_minmax,ort_percentile,ort_entropy,nncf]
-        [--out DIR] [--opset 13]
+        [--out DIR] [--opset 13] [--samples N]
+
+(more configs: a8_minmax_bc, a8_search_bc (``--act-bias-correction``), a8_smooth, a8_smooth_bc, a8_smooth_search
+(``--smooth-alpha 0.5``), nncf_transformer (NNCF with ``model_type=TRANSFORMER``, its SmoothQuant on),
+ort_minmax_layers (ORT with ``op_types_to_quantize`` MatMul / Gemm / Conv, the layers onnxobc quantizes)).
 
 Every candidate is compared with the input model by ``onnxobc.evaluate`` on the test split (rel L2 of the first
 output, top-1 agreement and accuracy where it applies). ORT and NNCF get the model converted to ``--opset`` (ORT's
 per-channel QDQ needs 13) and the same calibration samples. NNCF is optional (``pip install nncf``): its rows are
-skipped when it does not import. Prints one line per config and writes DIR/results.json.
+skipped when it does not import. Prints one line per config and adds them to DIR/results.json.
 """
 from __future__ import annotations
 
@@ -25,17 +29,31 @@ ONNXOBC = {
     "a8_percentile": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "percentile"],
     "a8_mse": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "mse"],
     "a8_search": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "search"],
+    "a8_minmax_bc": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-bias-correction"],
+    "a8_search_bc": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--act-calib", "search",
+                     "--act-bias-correction"],
+    "a8_smooth": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--smooth-alpha", "0.5"],
+    "a8_smooth_bc": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--smooth-alpha", "0.5",
+                     "--act-bias-correction"],
+    "a8_smooth_search": ["--bits", "8", "--act-bits", "8", "--method", "rtn", "--smooth-alpha", "0.5",
+                         "--act-calib", "search"],
 }
 
 
-def _reader(calib: str, name: str, batch: int):
+def _arrays(calib: str, names: list[str]) -> dict:
+    data = np.load(calib)
+    return {n: data[n] for n in names if n in data.files}
+
+
+def _reader(calib: str, names: list[str], batch: int):
     from onnxruntime.quantization import CalibrationDataReader
 
-    x = np.load(calib)[name]
+    xs = _arrays(calib, names)
+    n = len(next(iter(xs.values())))
 
     class R(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+            self.it = iter([{k: v[i:i + batch] for k, v in xs.items()} for i in range(0, n, batch)])
 
         def get_next(self):
             return next(self.it, None)
@@ -43,7 +61,7 @@ def _reader(calib: str, name: str, batch: int):
     return R()
 
 
-def _ort(src: Path, calib: str, out: Path, method: str, name: str) -> None:
+def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_only: bool = False) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -52,15 +70,20 @@ def _ort(src: Path, calib: str, out: Path, method: str, name: str) -> None:
     quantize_static(str(pre), str(out), _reader(calib, name, 16), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                                      "entropy": CalibrationMethod.Entropy}[method])
+                                      "entropy": CalibrationMethod.Entropy}[method],
+                    # layers_only: the layers onnxobc quantizes, as onnxobc does (ORT's default also quantizes
+                    # Add, Mul, Softmax, LayerNorm... inputs where it has QDQ support)
+                    **({"op_types_to_quantize": ["MatMul", "Gemm", "Conv"]} if layers_only else {}))
 
 
-def _nncf(src: Path, calib: str, out: Path, name: str) -> None:
+def _nncf(src: Path, calib: str, out: Path, name: list[str], transformer: bool = False) -> None:
     import nncf
 
-    x = np.load(calib)[name]
-    q = nncf.quantize(onnx.load(str(src)), nncf.Dataset([{name: x[i:i + 1]} for i in range(len(x))]),
-                      subset_size=len(x))
+    xs = _arrays(calib, name)
+    n = len(next(iter(xs.values())))
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    q = nncf.quantize(onnx.load(str(src)), nncf.Dataset([{k: v[i:i + 1] for k, v in xs.items()} for i in range(n)]),
+                      subset_size=n, **kw)
     onnx.save(q, str(out))
 
 
@@ -70,9 +93,12 @@ def main() -> None:
     ap.add_argument("--calib", required=True)
     ap.add_argument("--test", required=True)
     ap.add_argument("--labels")
-    ap.add_argument("--input", default="x", help="the model's input name (for ORT / NNCF readers)")
-    ap.add_argument("--configs", default=",".join(list(ONNXOBC) + ["ort_minmax", "ort_percentile", "ort_entropy",
-                                                                   "nncf"]))
+    ap.add_argument("--input", default=None, help="the model's input names, comma-separated (for the ORT / NNCF "
+                    "readers; default: every graph input found in the calibration file)")
+    ap.add_argument("--configs", default="w8,a8_minmax,a8_percentile,a8_mse,a8_search,ort_minmax,ort_percentile,"
+                    "ort_entropy,nncf", help="any of " + ", ".join(list(ONNXOBC) + ["ort_minmax", "ort_percentile", "ort_entropy", "nncf",
+                                                               "nncf_transformer", "ort_minmax_layers"]))
+    ap.add_argument("--samples", type=int, default=None, help="calibration samples for onnxobc (default: all)")
     ap.add_argument("--out", default=".cache/bench_w8a8")
     ap.add_argument("--opset", type=int, default=13)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -89,6 +115,7 @@ def main() -> None:
     if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < args.opset:
         m = onnx.version_converter.convert_version(m, args.opset)
     onnx.save(m, str(converted))
+    inputs = args.input.split(",") if args.input else [i.name for i in m.graph.input]
     results = {}
     for cfg in args.configs.split(","):
         cand = out / f"{model.stem}.{cfg}.onnx"
@@ -96,13 +123,15 @@ def main() -> None:
         try:
             if cfg in ONNXOBC:
                 rc = cli(["compress", str(model), "--calib", args.calib, "--opset", str(args.opset), "-o", str(cand),
-                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ONNXOBC[cfg])
+                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ONNXOBC[cfg]
+                         + ([] if args.samples is None else ["--samples", str(args.samples)]))
                 if rc:
                     raise RuntimeError(f"onnxobc exit {rc}")
             elif cfg.startswith("ort_"):
-                _ort(converted, args.calib, cand, cfg[4:], args.input)
-            elif cfg == "nncf":
-                _nncf(converted, args.calib, cand, args.input)
+                _ort(converted, args.calib, cand, cfg[4:].removesuffix("_layers"), inputs,
+                     layers_only=cfg.endswith("_layers"))
+            elif cfg in ("nncf", "nncf_transformer"):
+                _nncf(converted, args.calib, cand, inputs, transformer=cfg == "nncf_transformer")
             else:
                 raise ValueError(f"unknown config {cfg}")
         except ImportError as e:
@@ -112,10 +141,13 @@ def main() -> None:
         res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0)
         o = res.outputs[0]
         results[cfg] = {"rel_l2": o.rel_l2, "top1": o.top1, "acc_ref": o.acc_ref, "acc_cand": o.acc_cand,
-                        "seconds": secs, "samples": res.samples}
+                        "cosine": o.cosine, "seconds": secs, "samples": res.samples}
         extra = "" if o.top1 is None else f"  top-1 agreement {o.top1:.4f}  acc {o.acc_cand}"
+        extra += "" if o.cosine is None else f"  cosine {o.cosine:.5f}"
         print(f"{cfg:16s} rel L2 {o.rel_l2:.4f}{extra}  ({secs:.1f} s)", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    path = out / "results.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **results}, indent=2))  # configs run separately accumulate
 
 
 if __name__ == "__main__":

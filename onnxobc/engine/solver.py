@@ -254,7 +254,11 @@ def _solve_baseline(mats: np.ndarray, H: np.ndarray | None, spec: LayerSpec, nam
 
 
 def _damp_notes(damps: list, spec: LayerSpec) -> list:
-    return [Note("damp_raised", f"damp raised to {max(damps):g}", max(damps))] if max(damps) > spec.damp else []
+    if max(damps) <= spec.damp:
+        return []
+    steps = int(round(np.log10(max(damps) / spec.damp)))  # each escalation multiplies the damping by 10
+    return [Note("damp_raised", f"damp raised to {max(damps):g} ({steps} escalation{'s' * (steps != 1)} from "
+                 f"{spec.damp:g}: the Hessian was not positive definite with less)", max(damps))]
 
 
 @register_solver("gptq")

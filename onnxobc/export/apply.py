@@ -52,16 +52,18 @@ class Written:
     activations: list | None = None
     sparse_storage: list | None = None
     correction: list | None = None
+    finish: list | None = None
 
 
 def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[np.ndarray, Grid | None]],
           opts: ExportOptions, *, activations=None,
-          correct=None) -> tuple[onnx.ModelProto, Written]:
+          correct=None, finish=None) -> tuple[onnx.ModelProto, Written]:
     """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
     IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
     :func:`~onnxobc.export.actquant.plan_sites` and their parameters, or a function of the written model giving
     them) and sparse storage. ``correct(model)``
-    (statistics correction) runs on the written weights before the activation pairs. Returns the model
+    (statistics correction) runs on the written weights before the activation pairs, ``finish(model)`` (W8A8
+    bias correction) after them, its result in ``Written.finish``. Returns the model
     (a new object only when sparse storage re-encoded it) and what was written."""
     edit = GraphEdit(model)
     written: dict[str, str] = {}
@@ -90,6 +92,8 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
         sites, params = activations(model) if callable(activations) else activations
         used = insert_activation_qdq(model, sites, params)
         out.activations = [dict(tensor=s.tensor, used_as=s.why, **asdict(used[s.tensor])) for s in sites]
+        if finish:
+            out.finish = finish(model)
     if opts.sparse_storage:
         from .sparse import sparse_encode
 
