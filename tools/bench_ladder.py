@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Cost of a layer's sparsity ladder in the allocation database (issue 10): one exact trace per row serves every
+level, then one reconstruction per level. Times both for one layer of a model, for each requested ladder, in the
+same process (so the ratios hold on a loaded machine), and prints a Markdown table.
+
+Example (EfficientNet-Lite0's 1280x1000 classifier):
+  python tools/bench_ladder.py --model effnet_lite0.onnx --calib effnet_calib.npz --samples 64 \\
+      --layer largest --ladders default,coarse,0.1:0.9:0.1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from onnxobc import allocation  # noqa: E402
+from onnxobc.calibrate import collect_hessians, input_specs, iter_batches  # noqa: E402
+from onnxobc.engine import LayerSpec, Problem  # noqa: E402
+from onnxobc.engine import hessian as eng_hessian, obs  # noqa: E402
+from onnxobc.engine.solver import solve_many  # noqa: E402
+from onnxobc.graph import find_layers, load_model  # noqa: E402
+
+
+def _ladder(text: str, layer) -> tuple[float, ...]:
+    if text == "default":
+        return allocation.LADDER
+    if text == "coarse":
+        return allocation.ladder_for(layer.rows * layer.cols) if hasattr(allocation, "ladder_for") else allocation.LADDER
+    if ":" in text:
+        a, b, s = (float(x) for x in text.split(":"))
+        return tuple(round(x, 6) for x in np.arange(a, b + s / 2, s))
+    return tuple(float(x) for x in text.split("/"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--layer", default="largest", help="layer name, or 'largest' (most weights)")
+    ap.add_argument("--ladders", default="default,0.1:0.9:0.1",
+                    help="comma-separated: default (0.9^i, 44 levels), coarse (allocation.ladder_for), "
+                         "a:b:step, or levels joined by /")
+    args = ap.parse_args()
+    model = load_model(args.model)
+    layers, _ = find_layers(model)
+    layer = (max(layers, key=lambda l: l.params) if args.layer == "largest"
+             else next(l for l in layers if l.name == args.layer))
+    t = time.perf_counter()
+    stats = collect_hessians(model, [layer], iter_batches(args.calib, input_specs(model, {}), batch_size=32,
+                                                          max_samples=args.samples))
+    t_cal = time.perf_counter() - t
+    st = stats[layer.name]
+    print(f"layer {layer.name} {layer.shape_str} ({layer.rows} rows x {layer.cols} columns), calibration "
+          f"{t_cal:.1f}s", file=sys.stderr)
+    timers = {"trace": 0.0, "reconstruct": 0.0}
+    calls = {"trace": 0, "reconstruct": 0}
+
+    def timed(fn, what):
+        def f(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timers[what] += time.perf_counter() - t0
+                calls[what] += 1
+        return f
+
+    obs.trace_unstructured = timed(obs.trace_unstructured, "trace")
+    obs.reconstruct = timed(eng_hessian.reconstruct, "reconstruct")
+    rows = []
+    for text in args.ladders.split(","):
+        levels = _ladder(text, layer)
+        for k in timers:
+            timers[k], calls[k] = 0.0, 0
+        problem = Problem(layer.name, layer.layout.to_matrices(layer.weight).astype(np.float32), st.hessian(),
+                          layer.layout.channels_last_perm(layer.weight.shape),
+                          lambda gs: layer.layout.group_size_problem(layer.weight.shape, gs))
+        t = time.perf_counter()
+        res = solve_many(problem, [LayerSpec(sparsity=s) for s in levels])
+        total = time.perf_counter() - t
+        errs = [r.error for r in res]
+        rows.append((text, len(levels), total, timers["trace"], timers["reconstruct"],
+                     timers["reconstruct"] / max(calls["reconstruct"], 1), min(levels), max(levels)))
+        print(f"{text}: {len(levels)} levels {total:.1f}s (trace {timers['trace']:.1f}s, reconstruct "
+              f"{timers['reconstruct']:.1f}s); errors {errs[0]:.4g} .. {errs[-1]:.4g}", file=sys.stderr, flush=True)
+    print("| ladder | levels | sparsity range | total s | trace s | reconstruct s | per level s |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for text, n, total, tr, rc, per, lo, hi in rows:
+        print(f"| {text} | {n} | {lo:g}-{hi:g} | {total:.1f} | {tr:.1f} | {rc:.1f} | {per:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
