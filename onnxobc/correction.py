@@ -247,7 +247,9 @@ def correct(ref: dict, compressed: onnx.ModelProto, layers: list[Layer], feeds: 
         s = np.ones_like(mu_d)
         why = None
         if mode == "affine":
-            ok = sd_c > 1e-8 * np.maximum(sd_d, 1e-30)
+            # a channel that is constant in the dense model (sd_d = 0) keeps its scale: s = 0 would zero a
+            # quantization scale (DequantizeLinear needs it positive; W8A8's int32 bias grid divides by it)
+            ok = (sd_c > 1e-8 * np.maximum(sd_d, 1e-30)) & (sd_d > 1e-6 * max(float(sd_d.max()), 1e-30))
             s = np.where(ok, sd_d / np.where(ok, sd_c, 1.0), 1.0)
             why = folder.scale_weight(site, s, dry=True)
             if why:
