@@ -9,7 +9,7 @@ import pytest
 import graphs
 from golden_cases import calib
 from onnxobc import CompressConfig, compress
-from onnxobc.allocation import LADDER, candidates
+from onnxobc.allocation import LADDER, candidates, ladder_for
 from onnxobc.cli import main
 from onnxobc.engine.allocate import allocate, brute_force
 from onnxobc.engine.spec import LayerSpec
@@ -61,6 +61,7 @@ def test_candidates():
     assert candidates(LayerSpec(nm=(2, 4), bits=8), "flops", None, (0.5,)) == [
         LayerSpec(sparsity=0.5, bits=8), LayerSpec(nm=(2, 4), bits=8)]
     assert [c.bits for c in candidates(base, "size", (8, 4), None)] == [8, 4]
+    assert [c.sparsity for c in candidates(base, "flops", None, None, LADDER[::2])] == list(LADDER[::2])
     assert candidates(LayerSpec(nm=(2, 4)), "bops", (8,), None) == [LayerSpec(bits=8), LayerSpec(nm=(2, 4), bits=8)]
 
 
@@ -273,3 +274,16 @@ def test_solve_many_ladder_matches_single_solves():
         assert got.error == pytest.approx(one.error, rel=1e-6, abs=1e-12)
         assert got.error > 0
     assert [r.error for r in many[:4]] == sorted(r.error for r in many[:4])
+
+
+def test_ladder_for_thins_only_expensive_layers():
+    """The default ladder is thinned (every other level) only where one exact trace is expensive."""
+    import types
+
+    small = types.SimpleNamespace(groups=1, rows=128, cols=576)  # fmnist's fc1
+    classifier = types.SimpleNamespace(groups=1, rows=1000, cols=1280)  # EfficientNet-Lite0's
+    depthwise = types.SimpleNamespace(groups=1152, rows=1, cols=25)
+    assert ladder_for(small) == LADDER and ladder_for(depthwise) == LADDER
+    thin = ladder_for(classifier)
+    assert len(thin) == 22 and thin[0] == LADDER[0] and set(thin) < set(LADDER)
+    assert thin[-1] > 0.98

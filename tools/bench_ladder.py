@@ -30,7 +30,7 @@ def _ladder(text: str, layer) -> tuple[float, ...]:
     if text == "default":
         return allocation.LADDER
     if text == "coarse":
-        return allocation.ladder_for(layer.rows * layer.cols) if hasattr(allocation, "ladder_for") else allocation.LADDER
+        return allocation.ladder_for(layer)
     if ":" in text:
         a, b, s = (float(x) for x in text.split(":"))
         return tuple(round(x, 6) for x in np.arange(a, b + s / 2, s))
