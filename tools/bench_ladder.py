@@ -29,8 +29,10 @@ from onnxobc.graph import find_layers, load_model  # noqa: E402
 def _ladder(text: str, layer) -> tuple[float, ...]:
     if text == "default":
         return allocation.LADDER
-    if text == "coarse":
+    if text == "coarse":  # what the database uses for this layer
         return allocation.ladder_for(layer)
+    if text == "thin":  # every other level of the default ladder, whatever the layer's size
+        return allocation.LADDER[::2]
     if ":" in text:
         a, b, s = (float(x) for x in text.split(":"))
         return tuple(round(x, 6) for x in np.arange(a, b + s / 2, s))
@@ -44,7 +46,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--layer", default="largest", help="layer name, or 'largest' (most weights)")
     ap.add_argument("--ladders", default="default,0.1:0.9:0.1",
-                    help="comma-separated: default (0.9^i, 44 levels), coarse (allocation.ladder_for), "
+                    help="comma-separated: default (0.9^i, 44 levels), coarse (allocation.ladder_for: what the "
+                         "database offers this layer), thin (every other default level), "
                          "a:b:step, or levels joined by /")
     args = ap.parse_args()
     model = load_model(args.model)
