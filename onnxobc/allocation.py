@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("flops", "size", "bops")
 LADDER = tuple(round(1.0 - 0.9 ** i, 6) for i in range(1, 45))  # densities 0.9^i: sparsity 0.1 ... 0.99
+# A layer's ladder costs one exact trace per row (work ~ rows x cols^3) plus, per level, one reconstruction and
+# one error. Layers whose trace work exceeds LADDER_THIN_WORK (EfficientNet-Lite0's 1280x1000 classifier,
+# MiniLM's 1536-input FFN projections) get every other level of the default ladder: see ladder_for.
+LADDER_THIN_WORK = 1e12
 SIZE_BITS = (8, 4)  # what QDQ storage distinguishes: 5..8-bit codes are int8, 2..4-bit codes int4
 BOPS_BITS = (8, 4)
 BOPS_REF_BITS = 8  # the reference: dense 8-bit weights and 8-bit activations
@@ -58,7 +62,17 @@ class Variant:
     result: LayerResult | None = None
 
 
-def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tuple | None) -> list[LayerSpec]:
+def ladder_for(layer: Layer) -> tuple[float, ...]:
+    """The default sparsity ladder of one layer: LADDER (densities 0.9^i, 44 levels), or every other level of it
+    (densities 0.9^(2i+1), 22 levels, sparsity 0.1 to 0.99) for a layer whose exact trace is expensive
+    (rows x cols^3 above LADDER_THIN_WORK, per group summed), where the per-level reconstructions dominate the
+    database build (measured in docs/RESULTS.md)."""
+    work = layer.groups * layer.rows * float(layer.cols) ** 3
+    return LADDER if work <= LADDER_THIN_WORK else LADDER[::2]
+
+
+def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tuple | None,
+               ladder: tuple = LADDER) -> list[LayerSpec]:
     """The variants a layer is offered (besides staying as it is), from the run's options.
 
     flops: the sparsity ladder (``sparsities`` or densities 0.9^i), plus N:M when ``base.nm`` is set, each
@@ -78,7 +92,7 @@ def candidates(base: LayerSpec, target: str, bits: tuple | None, sparsities: tup
             pass  # an impossible combination (e.g. a group size without bits) is simply not a candidate
 
     if target == "flops":
-        for s in (sparsities or LADDER):
+        for s in (sparsities or ladder):
             add(sparsity=s, block_size=base.block_size, bits=base.bits)
         if base.nm:
             add(nm=base.nm, bits=base.bits)
@@ -260,8 +274,8 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
     try:
         common = json.dumps([__version__, digest_model(model), digest_data(calib), config.samples, config.batch_size,
                              config.token_mask, config.layer_error])
-        offered = {l.name: candidates(base_specs[l.name], target, config.cand_bits, config.cand_sparsity)
-                   for l in layers}
+        offered = {l.name: candidates(base_specs[l.name], target, config.cand_bits, config.cand_sparsity,
+                                      ladder_for(l)) for l in layers}
         opts = ExportOptions.of(config)
         act_bits = config.act_bits if target != "bops" else (config.act_bits or BOPS_REF_BITS)
         for l in layers:  # what the export format cannot store is not a candidate

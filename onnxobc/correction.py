@@ -231,21 +231,25 @@ def reference(dense: onnx.ModelProto, layers: list[Layer], feeds: list[dict], to
 
 
 def correct(ref: dict, compressed: onnx.ModelProto, layers: list[Layer], feeds: list[dict], mode: str,
-            token_mask: str | None = None) -> list[dict]:
+            token_mask: str | None = None, deploy=None) -> list[dict]:
     """Correct ``compressed`` IN PLACE toward the dense statistics ``ref`` (see :func:`reference`; ``layers`` as
     found in the dense model, whose consumers' outputs name the same tensors in both); returns one report entry
-    per layer."""
+    per layer. ``deploy(model)``, when given, is the model whose statistics are measured (W8A8: a copy with the
+    activation Q/DQ pairs inserted), while the corrections are folded into ``compressed``."""
     if mode == "none":
         return []
     sites, report = _sites(compressed, layers)
     for site in sites:
         mu_d, sd_d = ref[site.out]
-        (mu_c, sd_c), = _stats(compressed, [(site.out, site.axis)], feeds, token_mask)
+        measured = compressed if deploy is None else deploy(compressed)
+        (mu_c, sd_c), = _stats(measured, [(site.out, site.axis)], feeds, token_mask)
         folder = _Folder(compressed)
         s = np.ones_like(mu_d)
         why = None
         if mode == "affine":
-            ok = sd_c > 1e-8 * np.maximum(sd_d, 1e-30)
+            # a channel that is constant in the dense model (sd_d = 0) keeps its scale: s = 0 would zero a
+            # quantization scale (DequantizeLinear needs it positive; W8A8's int32 bias grid divides by it)
+            ok = (sd_c > 1e-8 * np.maximum(sd_d, 1e-30)) & (sd_d > 1e-6 * max(float(sd_d.max()), 1e-30))
             s = np.where(ok, sd_d / np.where(ok, sd_c, 1.0), 1.0)
             why = folder.scale_weight(site, s, dry=True)
             if why:

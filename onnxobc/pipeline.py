@@ -478,7 +478,8 @@ def _correction(work: onnx.ModelProto, todo: list[Layer], calib: Any, config: Co
     feeds = list(iter_batches(calib, _inputs(work, config), batch_size=config.batch_size,
                               max_samples=config.correction_samples))
     ref = correction.reference(work, todo, feeds, token_mask)
-    return lambda model: correction.correct(ref, model, todo, feeds, config.stats_correction, token_mask)
+    return lambda model, deploy=None: correction.correct(ref, model, todo, feeds, config.stats_correction, token_mask,
+                                                         deploy=deploy)
 
 
 def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib: Any, config: CompressConfig,

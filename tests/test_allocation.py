@@ -9,7 +9,7 @@ import pytest
 import graphs
 from golden_cases import calib
 from onnxobc import CompressConfig, compress
-from onnxobc.allocation import LADDER, candidates
+from onnxobc.allocation import LADDER, candidates, ladder_for
 from onnxobc.cli import main
 from onnxobc.engine.allocate import allocate, brute_force
 from onnxobc.engine.spec import LayerSpec
@@ -61,6 +61,7 @@ def test_candidates():
     assert candidates(LayerSpec(nm=(2, 4), bits=8), "flops", None, (0.5,)) == [
         LayerSpec(sparsity=0.5, bits=8), LayerSpec(nm=(2, 4), bits=8)]
     assert [c.bits for c in candidates(base, "size", (8, 4), None)] == [8, 4]
+    assert [c.sparsity for c in candidates(base, "flops", None, None, LADDER[::2])] == list(LADDER[::2])
     assert candidates(LayerSpec(nm=(2, 4)), "bops", (8,), None) == [LayerSpec(bits=8), LayerSpec(nm=(2, 4), bits=8)]
 
 
@@ -252,3 +253,37 @@ def test_sweep_bops_uniform_rows_count_8bit_activations_and_nm(tmp_path):
     uni = {r.fraction: r for r in rows if r.kind == "uniform"}
     assert uni[0.5].label.endswith("uniform 4-bit") and uni[0.5].achieved == pytest.approx(0.5)
     assert "2:4 + 4-bit" in uni[0.3].label and uni[0.3].achieved == pytest.approx(0.25)
+
+
+def test_solve_many_ladder_matches_single_solves():
+    """The database ladder (one trace per row, one reconstruction per level, the output energy once) gives what
+    one solve per level gives: the same weights and the same layer errors."""
+    from onnxobc.engine import Problem
+    from onnxobc.engine.solver import solve, solve_many
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 24, 200)).astype(np.float32)
+    H = np.einsum("gcn,gdn->gcd", x, x) / 100
+    w = rng.standard_normal((2, 6, 24)).astype(np.float32)
+    problem = Problem("l", w, H, None, lambda gs: None)
+    specs = [LayerSpec(sparsity=s) for s in (0.1, 0.3, 0.5, 0.8)] + [LayerSpec(sparsity=0.5, bits=4)]
+    many = solve_many(problem, specs)
+    for spec, got in zip(specs, many):
+        one = solve(problem, spec)
+        np.testing.assert_allclose(got.mats, one.mats, rtol=1e-4, atol=1e-5)
+        assert got.error == pytest.approx(one.error, rel=1e-6, abs=1e-12)
+        assert got.error > 0
+    assert [r.error for r in many[:4]] == sorted(r.error for r in many[:4])
+
+
+def test_ladder_for_thins_only_expensive_layers():
+    """The default ladder is thinned (every other level) only where one exact trace is expensive."""
+    import types
+
+    small = types.SimpleNamespace(groups=1, rows=128, cols=576)  # fmnist's fc1
+    classifier = types.SimpleNamespace(groups=1, rows=1000, cols=1280)  # EfficientNet-Lite0's
+    depthwise = types.SimpleNamespace(groups=1152, rows=1, cols=25)
+    assert ladder_for(small) == LADDER and ladder_for(depthwise) == LADDER
+    thin = ladder_for(classifier)
+    assert len(thin) == 22 and thin[0] == LADDER[0] and set(thin) < set(LADDER)
+    assert thin[-1] > 0.98

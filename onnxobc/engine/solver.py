@@ -408,6 +408,10 @@ def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:
             ladders.setdefault((final.damp, final.dtype, final.device, _perm_key(problem, final)), []).append(i)
         else:
             out[i] = solve(problem, spec)
+    dens = None  # the layer's output energy per group: the same for every level of the ladder
+    if ladders and problem.hessian is not None:
+        dens = [error_terms(problem.mats[g], problem.mats[g], problem.hessian[g])[1]
+                for g in range(problem.mats.shape[0])]
     for idxs in ladders.values():
         first = finals[idxs[0]][0]
         perm = _perm(problem, first)
@@ -428,7 +432,7 @@ def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:
                                            name=names[g], dtype=final.dtype, group_size=final.group_size)
                        for g, pr in enumerate(res)]
             new, grid, loss, more, info = _from_engine(res, work, final)
-            out[i] = _result(problem, final, notes + more, new, grid, loss, info, perm)
+            out[i] = _result(problem, final, notes + more, new, grid, loss, info, perm, dens)
     return out
 
 
@@ -455,7 +459,7 @@ def _dense(problem: Problem, spec: LayerSpec, notes: list[Note]) -> LayerResult:
 
 
 def _result(problem: Problem, final: LayerSpec, notes: list[Note], new: np.ndarray, grid: Grid | None, loss: float,
-            info: dict, perm: np.ndarray | None) -> LayerResult:
+            info: dict, perm: np.ndarray | None, dens: list[float] | None = None) -> LayerResult:
     """The result in stored column order, with the layer error from the Hessian."""
     mats, H = problem.mats, problem.hessian
     if perm is not None:
@@ -464,7 +468,7 @@ def _result(problem: Problem, final: LayerSpec, notes: list[Note], new: np.ndarr
     if H is not None:
         num = den = 0.0
         for g in range(mats.shape[0]):
-            a, b = error_terms(mats[g], new[g], H[g])
+            a, b = error_terms(mats[g], new[g], H[g], None if dens is None else dens[g])
             num += a
             den += b
         err = float(num / den if den > 0 else 0.0)

@@ -7,6 +7,8 @@ inserts the activation Q/DQ pairs of W8A8 and, last, encodes sparse initializers
 """
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,9 +63,15 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
     """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
     IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
     :func:`~onnxobc.export.actquant.plan_sites` and their parameters, or a function of the written model giving
+<<<<<<< HEAD
     them) and sparse storage. ``correct(model)``
     (statistics correction) runs on the written weights before the activation pairs, ``finish(model)`` (W8A8
     bias correction) after them, its result in ``Written.finish``. Returns the model
+=======
+    them) and sparse storage. ``correct(model, deploy)`` (statistics correction) edits the written weights
+    before the activation pairs are inserted; ``deploy`` (None without activation pairs) maps a model to a copy
+    with the pairs in place, the model to measure. Returns the model
+>>>>>>> alloc
     (a new object only when sparse storage re-encoded it) and what was written."""
     edit = GraphEdit(model)
     written: dict[str, str] = {}
@@ -84,12 +92,18 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
                 written[layer.name] += f" (float fake-quant: {why})"
     edit.finish()
     out = Written(written)
-    if correct is not None:
-        out.correction = correct(model)
+    acts = None
     if activations is not None:
+        acts = activations(model) if callable(activations) else activations
+    if correct is not None:
+        # with W8A8, the statistics are measured on the model as deployed (its activation pairs in place and the
+        # biases on their int32 grids), so that the correction also removes the shift that quantized activations
+        # cause; the corrections are folded into the float model, which gets its pairs just below
+        out.correction = correct(model, None if acts is None else functools.partial(_with_activations, acts))
+    if acts is not None:
         from .actquant import insert_activation_qdq
 
-        sites, params = activations(model) if callable(activations) else activations
+        sites, params = acts
         used = insert_activation_qdq(model, sites, params)
         out.activations = [dict(tensor=s.tensor, used_as=s.why, **asdict(used[s.tensor])) for s in sites]
         if finish:
@@ -99,6 +113,15 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
 
         model, out.sparse_storage = sparse_encode(model, inplace=True)
     return model, out
+
+
+def _with_activations(acts, model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with the W8A8 activation pairs ``acts`` ((sites, parameters)) inserted."""
+    from .actquant import insert_activation_qdq
+
+    m = copy.deepcopy(model)
+    insert_activation_qdq(m, *acts)
+    return m
 
 
 def spec_format(layer: Layer, spec: LayerSpec | None, opts: ExportOptions) -> str:
