@@ -63,15 +63,10 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
     """Write ``results`` ({layer name: (new weight as the consumers see it, its grid or None)}) into ``model``
     IN PLACE (pass a copy to keep the original), then the W8A8 activation pairs (``activations``: the sites of
     :func:`~onnxobc.export.actquant.plan_sites` and their parameters, or a function of the written model giving
-<<<<<<< HEAD
-    them) and sparse storage. ``correct(model)``
-    (statistics correction) runs on the written weights before the activation pairs, ``finish(model)`` (W8A8
-    bias correction) after them, its result in ``Written.finish``. Returns the model
-=======
     them) and sparse storage. ``correct(model, deploy)`` (statistics correction) edits the written weights
     before the activation pairs are inserted; ``deploy`` (None without activation pairs) maps a model to a copy
-    with the pairs in place, the model to measure. Returns the model
->>>>>>> alloc
+    with the pairs in place, the model to measure. ``finish(model)`` (W8A8 bias correction) runs after the pairs,
+    its result in ``Written.finish``. Returns the model
     (a new object only when sparse storage re-encoded it) and what was written."""
     edit = GraphEdit(model)
     written: dict[str, str] = {}
