@@ -255,9 +255,11 @@ def test_sweep_bops_uniform_rows_count_8bit_activations_and_nm(tmp_path):
     assert "2:4 + 4-bit" in uni[0.3].label and uni[0.3].achieved == pytest.approx(0.25)
 
 
-def test_solve_many_ladder_matches_single_solves():
+@pytest.mark.parametrize("method", ["exact", "auto"])
+def test_solve_many_ladder_matches_single_solves(method):
     """The database ladder (one trace per row, one reconstruction per level, the output energy once) gives what
-    one solve per level gives: the same weights and the same layer errors."""
+    one solve per level gives: the same weights and the same layer errors; with auto, the same solver kept per
+    level (exact's trace shared, the fast mode run per level) and the same notes."""
     from onnxobc.engine import Problem
     from onnxobc.engine.solver import solve, solve_many
 
@@ -266,13 +268,16 @@ def test_solve_many_ladder_matches_single_solves():
     H = np.einsum("gcn,gdn->gcd", x, x) / 100
     w = rng.standard_normal((2, 6, 24)).astype(np.float32)
     problem = Problem("l", w, H, None, lambda gs: None)
-    specs = [LayerSpec(sparsity=s) for s in (0.1, 0.3, 0.5, 0.8)] + [LayerSpec(sparsity=0.5, bits=4)]
+    specs = [LayerSpec(method=method, sparsity=s) for s in (0.1, 0.3, 0.5, 0.8)] + [
+        LayerSpec(method=method, sparsity=0.5, bits=4)]
     many = solve_many(problem, specs)
     for spec, got in zip(specs, many):
         one = solve(problem, spec)
         np.testing.assert_allclose(got.mats, one.mats, rtol=1e-4, atol=1e-5)
         assert got.error == pytest.approx(one.error, rel=1e-6, abs=1e-12)
         assert got.error > 0
+        assert got.solver == one.solver and got.spec == one.spec
+        assert [n.kind for n in got.notes] == [n.kind for n in one.notes]
     assert [r.error for r in many[:4]] == sorted(r.error for r in many[:4])
 
 

@@ -150,7 +150,7 @@ def test_solve_cost_rule():
 
 
 def test_solver_error_reaches_the_caller_unwrapped(ray_cluster):
-    job = SolveJob("no-hessian", Problem("no-hessian", np.ones((1, 4, 8), np.float32), None), LayerSpec(bits=4))
+    job = SolveJob("no-hessian", Problem("no-hessian", np.ones((1, 4, 8), np.float32), None), LayerSpec(method="exact", bits=4))
     with pytest.raises(ValueError, match="the exact method needs the layer's Hessian") as e:
         list(RayExecutor().solve([job]))
     assert type(e.value) is ValueError

@@ -404,7 +404,8 @@ def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:
         finals.append((final, notes))
         if final is None:
             out[i] = _dense(problem, spec, notes)
-        elif final.method == "exact" and final.sparsity is not None and final.nm is None and final.block_size is None:
+        elif (final.sparsity is not None and final.nm is None and final.block_size is None
+              and (final.method == "exact" or (final.method == "auto" and _auto_cost(problem) <= AUTO_EXACT_MAX_COST))):
             ladders.setdefault((final.damp, final.dtype, final.device, _perm_key(problem, final)), []).append(i)
         else:
             out[i] = solve(problem, spec)
@@ -432,8 +433,32 @@ def solve_many(problem: Problem, specs: list[LayerSpec]) -> list[LayerResult]:
                                            name=names[g], dtype=final.dtype, group_size=final.group_size)
                        for g, pr in enumerate(res)]
             new, grid, loss, more, info = _from_engine(res, work, final)
-            out[i] = _result(problem, final, notes + more, new, grid, loss, info, perm, dens)
+            exact = dataclasses.replace(final, method="exact", act_order=False) if final.method == "auto" else final
+            out[i] = _result(problem, exact, notes + more, new, grid, loss, info, perm, dens)
+            if final.method == "auto":
+                out[i] = _auto_pick(problem, final, out[i], len(notes))
     return out
+
+
+def _auto_cost(problem: Problem) -> float:
+    g, r, c = problem.mats.shape
+    return float(g) * r * float(c) ** 3
+
+
+def _auto_pick(problem: Problem, spec: LayerSpec, exact: LayerResult, pre: int) -> LayerResult:
+    """``--method auto`` on a ladder level solved exactly: the fast mode too, the lower layer error kept, with
+    the note :func:`_solve_auto` writes (the ladder shares exact's trace; the fast mode is cheap per level)."""
+    fast = "sparsegpt" if spec.prunes else "gptq"
+    fa = solve(problem, dataclasses.replace(spec, method=fast))
+    cost = _auto_cost(problem)
+    keep = fa if (fa.error is not None and exact.error is not None and fa.error < exact.error) else exact
+    name = fast if keep is fa else "exact"
+    why = (f"{name}: layer error exact {exact.error:.3g} vs {fast} {fa.error:.3g} (both ran: exact cost rows*C^3 = "
+           f"{cost:.3g} <= {AUTO_EXACT_MAX_COST:.3g})")
+    value = dict(solver=name, cost=cost, threshold=AUTO_EXACT_MAX_COST, errors={"exact": exact.error, fast: fa.error})
+    notes = keep.notes[:pre] + [Note("solver", why, value)] + keep.notes[pre:]  # after the fallbacks, as solve()
+    return dataclasses.replace(keep, spec=spec, notes=notes, solver=name,
+                               info=dict(keep.info, solver=name))
 
 
 def _perm_key(problem: Problem, spec: LayerSpec):

@@ -47,18 +47,20 @@ def _opt(default, *, type=None, metavar=None, choices=None, help: str, flag_acti
 class LayerSpec:
     """How to compress one layer. Invalid or incompatible options raise ValueError on construction.
 
-    method: 'exact' (ExactOBS / OBQ), or the baselines 'magnitude' (pruning, + RTN for bits) and 'rtn'
+    method: 'auto' (default: 'exact' where affordable, with the fast mode kept where its layer error is lower;
+    the fast mode alone beyond), 'exact' (ExactOBS / OBQ), 'gptq' / 'sparsegpt' (the fast modes), or the baselines 'magnitude' (pruning, + RTN for bits) and 'rtn'
     (round-to-nearest, + magnitude pruning when a pruning option is given). Pattern: ``sparsity`` alone
     (unstructured), ``nm`` (N:M) or ``block_size`` with ``sparsity`` (blocks); ``bits`` quantizes (after
     pruning, if any), per output channel or per ``group_size`` consecutive inputs.
     """
 
-    method: str = _opt("exact", choices=METHODS,
-                       help="exact: ExactOBS/OBQ (default); gptq / sparsegpt: the fast modes for large layers "
-                            "(fixed column order, lazy block updates; sparsegpt prunes with the mask chosen per "
-                            "block of 128 columns, and quantizes jointly with --bits); auto: per layer exact where "
-                            "it is cheap (keeping the better of exact and the fast mode), the fast mode otherwise; "
-                            "magnitude / rtn: the baselines")
+    method: str = _opt("auto", choices=METHODS,
+                       help="auto (default): per layer exact where it is cheap (rows x C^3 <= 2e11), keeping the "
+                            "better of exact and the fast mode by layer error, the fast mode alone otherwise; "
+                            "exact: ExactOBS/OBQ on every layer (hours on 4096-wide layers); gptq / sparsegpt: the "
+                            "fast modes (fixed column order, lazy block updates; sparsegpt prunes with the mask "
+                            "chosen per block of 128 columns, and quantizes jointly with --bits); magnitude / rtn: "
+                            "the baselines")
     sparsity: float | None = _opt(None, type=float, metavar="S", help="fraction of weights to zero per layer, e.g. 0.5")
     nm: tuple[int, int] | None = _opt(None, type=str, metavar="N:M",
                                       help="semi-structured sparsity: at most N non-zeros in every M, e.g. 2:4")
