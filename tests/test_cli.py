@@ -179,3 +179,29 @@ def test_verify_stops_a_broken_graph_before_it_is_written(tiny, capsys, monkeypa
     code = main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--bits", "8", "--verify"])
     assert code == 1 and not out.exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_calibration_data_is_refused_before_any_solve(tiny, tmp_path, capsys, monkeypatch, bad):
+    """NaN / Inf in the calibration data: one line naming the input and the sample, exit 1, nothing written, no
+    layer solved (they would poison every Hessian)."""
+    import onnxobc.executor as executor
+
+    path, calib = tiny
+    feed = dict(np.load(calib))
+    name = next(k for k, v in feed.items() if v.dtype.kind == "f")
+    x = feed[name].copy()
+    x[13].flat[5] = bad
+    feed[name] = x
+    np.savez(tmp_path / "bad.npz", **feed)
+    solved = []
+    monkeypatch.setattr(executor, "solve", lambda *a, **k: solved.append(a) or pytest.fail("a layer was solved"))
+    out = tmp_path / "o.onnx"
+    before = _digest(path)
+    rc = main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "bad.npz"), "--bits", "4",
+               "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"input '{name}'" in err and ("NaN" if np.isnan(bad) else "Inf") in err
+    assert "bad.npz[8:16]" in err and "sample 5 of this batch" in err  # sample 13 = 5th of the second batch
+    assert not out.exists() and not solved and _digest(path) == before

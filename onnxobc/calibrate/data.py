@@ -215,6 +215,9 @@ def _check_feed(feed: dict[str, Any], specs: list[InputSpec], where: str, warned
                     f"{where}: input '{spec.name}' has shape {a.shape}, the model expects {spec.describe()} "
                     f"(axis {i} differs; {describe_batch_axes(specs)})"
                 )
+        if a.dtype.kind in "fc" and a.size and not np.isfinite(a).all():
+            raise CalibrationError(f"{where}: input '{spec.name}' {_nonfinite(a, spec.batch_axis)}; NaN and Inf would "
+                                   f"poison every Hessian and activation range: clean or drop those samples")
         out[spec.name] = a
     extra = sorted(set(map(str, feed)) - {s.name for s in specs})
     if extra and ("extra",) not in warned:
@@ -228,6 +231,18 @@ def _check_feed(feed: dict[str, Any], specs: list[InputSpec], where: str, warned
                                f"{describe_batch_axes(specs)}")
     out.samples = next(iter(counts.values())) if counts else 1
     return out
+
+
+def _nonfinite(a: np.ndarray, axis: int | None) -> str:
+    """'holds 3 NaN and 1 Inf values (first in sample 5 of this batch)'."""
+    bad = ~np.isfinite(a)
+    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    what = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+    first = ""
+    if axis is not None and a.ndim > axis:
+        rows = np.nonzero(np.moveaxis(bad, axis, 0).reshape(a.shape[axis], -1).any(axis=1))[0]
+        first = f" (first in sample {int(rows[0])} of this batch)"
+    return f"holds {what} value{'s' if n_nan + n_inf > 1 else ''}{first}"
 
 
 def _npz_files(path: Path) -> list[Path]:
