@@ -107,22 +107,47 @@ def test_qdq_table_before_the_gather(cfg):
     assert written - kept == sum(l.cost["bytes"] for l in r.layers)
 
 
-def test_tied_embedding_is_skipped_with_its_reason_and_the_head_compressed_once():
+@pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, qdq=True, opset=21), dict(bits=4, qdq=True, opset=21,
+                                                                                    group_size=4),
+                                 dict(sparsity=0.5)], ids=["float8", "qdq4", "qdq4g4", "s50"])
+def test_tied_embedding_is_compressed_once_and_the_gather_reads_it(cfg):
     m = _embed(tied=True)
     layers, skipped = find_layers(m)
     reasons = {s.node_name: s.reason for s in skipped}
     assert "tied embedding" in reasons["embed"]
     assert "lm_head" in {l.name for l in layers}
     feed = _feed(8)
-    r = compress(m, None, [feed], CompressConfig(bits=8))
+    r = compress(m, None, [feed], CompressConfig(**cfg))
     out = r.extra["model"]
+    onnx.checker.check_model(out, full_check=True)
     assert {l.name for l in r.layers} == {"proj", "lm_head"}
-    # the Gather still reads the original table, the head a compressed copy
+    assert "the tied Gather embed reads this compressed weight" in next(l.written for l in r.layers if l.name == "lm_head")
+    assert "emb" not in {t.name for t in out.graph.initializer}  # stored once: the original table is gone
+    # the Gather's rows are the head's compressed weight, transposed back to the table's orientation
+    gather = next(n for n in out.graph.node if n.name == "embed")
+    head = next(n for n in out.graph.node if n.name == "lm_head")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                               for t in (gather.input[0], head.input[1], gather.output[0])])
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    *ys, table, w_head, e = sess.run(None, feed)
     emb0 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "emb"))
-    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    assert np.array_equal(inits["emb"], emb0)
-    ys = _run(out, feed)
+    assert table.shape == emb0.shape and np.array_equal(table, w_head.T)
+    assert not np.array_equal(table, emb0)  # compressed, not the original
+    np.testing.assert_array_equal(e, table[feed["ids"]])
     assert all(np.all(np.isfinite(y)) for y in ys)
+
+
+def test_tied_embedding_with_matmulnbits_keeps_the_table_and_says_so():
+    m = _embed(tied=True)
+    r = compress(m, None, [_feed(8)], CompressConfig(bits=4, matmulnbits=True))
+    out = r.extra["model"]
+    assert "keeps the original table (MatMulNBits packs the weight)" in next(
+        l.written for l in r.layers if l.name == "lm_head")
+    emb0 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "emb"))
+    assert np.array_equal(numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "emb")), emb0)
+    _run(out, _feed(8))
 
 
 def test_gather_along_axis_1_is_skipped_with_its_reason():

@@ -86,6 +86,7 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
             if why:
                 written[layer.name] += f" (float fake-quant: {why})"
     edit.finish()
+    _tie_tables(model, [l for l in layers if l.name in results], written)
     out = Written(written)
     acts = None
     if activations is not None:
@@ -108,6 +109,79 @@ def apply(model: onnx.ModelProto, layers: list[Layer], results: dict[str, tuple[
 
         model, out.sparse_storage = sparse_encode(model, inplace=True)
     return model, out
+
+
+def _tie_tables(model: onnx.ModelProto, layers: list[Layer], written: dict[str, str]) -> None:
+    """Tied embeddings: a Gather (axis 0) that reads the same constant table as a compressed layer's weight (an
+    LM head reading it through a Transpose, or a Gemm with transB) now reads that layer's compressed weight as
+    written (float or DequantizeLinear output), turned back to the table's orientation: the table is compressed
+    once, consistently, and stored once. MatMulNBits packs the weight inside its node, so there the Gather keeps
+    the original table (said in ``written``)."""
+    g = model.graph
+    for layer in layers:
+        gathers = [n for n in g.node if n.op_type == "Gather" and n.input and n.input[0] == layer.source_name
+                   and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
+        if not gathers:
+            continue
+        names = ", ".join(n.name or n.output[0] for n in gathers)
+        if any(st.op != "Transpose" for st in layer.chain) or layer.weight.ndim != 2:
+            written[layer.name] += f"; tied Gather {names} keeps the original table (weight chain is not a transpose)"
+            continue
+        out_name = layer.consumers[0].output_name
+        node = next((n for n in g.node if out_name in n.output), None)
+        if node is None or node.op_type == "MatMulNBits":
+            written[layer.name] += f"; tied Gather {names} keeps the original table (MatMulNBits packs the weight)"
+            continue
+        tensor = node.input[layer.layout.weight_input]
+        perm = np.arange(2)
+        for st in layer.chain:  # source -> consumer orientation; the Gather needs the source's
+            perm = perm[list(st.attrs["perm"])]
+        if not np.array_equal(perm, np.arange(2)):
+            taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+            name, k = f"{layer.source_name}_tied", 0
+            while name in taken:
+                k += 1
+                name = f"{layer.source_name}_tied{k}"
+            t_node = onnx.helper.make_node("Transpose", [tensor], [name], name=name, perm=np.argsort(perm).tolist())
+            g.node.append(t_node)
+            tensor = name
+        for n in gathers:
+            n.input[0] = tensor
+        _toposort(g)  # the Gathers now read what the weight's producer (DQ, Transpose) makes
+        written[layer.name] += f"; the tied Gather {names} reads this compressed weight (the table is stored once)"
+        if not any(layer.source_name in n.input for n in g.node) and layer.source_name not in {o.name for o in g.output}:
+            keep = [t for t in g.initializer if t.name != layer.source_name]
+            del g.initializer[:]
+            g.initializer.extend(keep)
+
+
+def _toposort(g: onnx.GraphProto) -> None:
+    """Order ``g``'s nodes topologically, keeping the given order wherever it already is one (Kahn's algorithm,
+    the lowest original index first)."""
+    import heapq
+
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[t] for t in n.input if t in producer and producer[t] != i} for i, n in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            readers.setdefault(j, []).append(i)
+    left = [len(d) for d in deps]
+    ready = [i for i, k in enumerate(left) if k == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers.get(i, []):
+            left[r] -= 1
+            if left[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):  # a cycle cannot come from this edit; leave the graph as it was
+        return
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
 
 
 def _with_activations(acts, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -523,7 +523,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
         if wname in ix.graph_outputs:
             other.append("a graph output")
         if other:
-            tied = " (tied embedding: a table also read as a weight is left as it is)" if first.op == "Gather" else ""
+            tied = (" (tied embedding: the Gather will read the compressed weight of the layer that shares the table; "
+                    "compressed once, stored once)") if first.op == "Gather" else ""
             for c in consumers:
                 skipped.append(Skipped(c.node_name, c.op, f"weight '{wname}' is also used by {', '.join(other)}{tied}"))
             continue
