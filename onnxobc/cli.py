@@ -149,7 +149,7 @@ def _config_from_args(args: argparse.Namespace):
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, act_bias_correction=args.act_bias_correction,
-        smooth_alpha=args.smooth_alpha, layer_error=not args.no_layer_error,
+        smooth_alpha=args.smooth_alpha, act_noise=args.act_noise, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
         batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
         ray_address=args.ray_address, sequential=args.sequential, stage_memory=args.stage_memory,
@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--act-bias-correction", action="store_true",
                    help="after placing the activation grids, subtract each layer's mean output shift (W8A8 vs dense, "
                         "per output channel, on the calibration data) from its bias, layer by layer")
+    a.add_argument("--act-noise", action="store_true",
+                   help="add each quantized layer input's rounding noise (variance scale^2 / 12 per element) to the "
+                        "layer's Hessian, so that the solver does not move weight onto inputs the activation grid "
+                        "resolves coarsely")
     a.add_argument("--smooth-alpha", type=float, metavar="A",
                    help="SmoothQuant: divide the channels of LayerNorm outputs read by MatMul/Gemm layers by "
                         "max|x|^A / max|w|^(1-A), folded into the LayerNorm, the weights' rows multiplied (e.g. 0.5)")

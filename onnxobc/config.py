@@ -41,6 +41,7 @@ class CompressConfig(LayerSpec):
     act_percentile: float = 99.99
     act_bias_correction: bool = False  # W8A8: correct each layer's output mean shift in its bias (calibrate.biascorr)
     smooth_alpha: float | None = None  # W8A8: SmoothQuant migration strength (calibrate.smooth); None: off
+    act_noise: bool = False  # W8A8: each quantized input's rounding noise (scale^2 / 12) added to its layer's Hessian
     plan: tuple | None = None  # rules (dicts) as in a --plan file, already parsed
     target_flops: float | None = None  # keep at most this fraction of the selected layers' dense MACs
     target_size: float | None = None  # stored weight bytes at most this fraction of their fp32 bytes
@@ -144,8 +145,9 @@ class CompressConfig(LayerSpec):
             object.__setattr__(self, "sym", True)
         if self.act_calib not in ACT_CALIB:
             raise ValueError(f"--act-calib must be one of {', '.join(ACT_CALIB)}, got {self.act_calib!r}")
-        if self.act_bits is None and (self.act_bias_correction or self.smooth_alpha is not None):
-            raise ValueError("--act-bias-correction and --smooth-alpha act on quantized activations: give --act-bits 8")
+        if self.act_bits is None and (self.act_bias_correction or self.smooth_alpha is not None or self.act_noise):
+            raise ValueError("--act-bias-correction, --smooth-alpha and --act-noise act on quantized activations: "
+                             "give --act-bits 8")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ValueError(f"--smooth-alpha must be in (0, 1), got {self.smooth_alpha}")
         if not 50.0 < self.act_percentile <= 100.0:

@@ -256,6 +256,7 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
             None, stages.summary())
     stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
+    _add_act_noise(todo, stats, act, config)
     solved = _solve_layers(todo, specs, stats, config, progress)
     macs = {l.name: _macs(l, stats[l.name]) for l in todo}
     stages.note_held(stats)
@@ -324,6 +325,7 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
             del done
             t_cal += time.perf_counter() - t
             act = act or a
+            _add_act_noise(stage, stats, act, config)
             stages.note_held(stats)
             solved.update(_solve_layers(stage, specs, stats, config, progress, ex))
             macs.update({l.name: _macs(l, stats[l.name]) for l in stage})
@@ -335,6 +337,22 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
                                   edit=functools.partial(replace_weights, weights=done))
         t_cal += time.perf_counter() - t
     return solved, macs, act, samples, token_mask, t_cal
+
+
+def _add_act_noise(layers: list[Layer], stats: dict, act, config: CompressConfig) -> None:
+    """--act-noise: a layer whose input gets an activation grid of step s sees x + e, e uniform of variance
+    s^2 / 12 per element, independent of x, so E[(x+e)(x+e)^T] = x x^T + s^2 / 12 I: add that to the
+    accumulated X X^T (every column seen), in place, before the solve."""
+    if not (config.act_noise and act):
+        return
+    params = act[1]()
+    for layer in layers:
+        st = stats[layer.name]
+        steps = [float(params[c.input_name].scale) for c in layer.consumers if c.input_name in params]
+        if not steps or not st.has_hessian:
+            continue
+        idx = np.arange(st.xtx.shape[1])
+        st.xtx[:, idx, idx] += st.columns * max(steps) ** 2 / 12.0
 
 
 def _need_hessians(todo: list[Layer], specs: dict, config: CompressConfig) -> bool:

@@ -222,3 +222,43 @@ def test_smoothing_folds_into_a_constant_mul():
     rep = smooth(shared, 0.5, [{"X": x}])
     assert [r["tensor"] for r in rep if "tensor" in r] == ["gelu"]
     assert any("a Mul whose output other nodes read too" in r.get("note", "") for r in rep)
+
+
+def test_act_noise_adds_the_input_grids_rounding_noise_to_the_hessian(monkeypatch):
+    """--act-noise: the Hessian a layer is solved with is the dense one plus columns * s^2 / 12 on the diagonal,
+    s the step of the activation grid on the layer's input (only where the input is quantized)."""
+    import types
+
+    from onnxobc import pipeline
+    from onnxobc.calibrate.hessian import LayerStats
+
+    rng = np.random.default_rng(0)
+    xtx = rng.standard_normal((1, 5, 5))
+    xtx = xtx @ xtx.transpose(0, 2, 1)
+    st = {"a": LayerStats(xtx.copy(), columns=40, samples=8), "b": LayerStats(xtx.copy(), columns=40, samples=8)}
+    la = types.SimpleNamespace(name="a", consumers=[types.SimpleNamespace(input_name="xa")])
+    lb = types.SimpleNamespace(name="b", consumers=[types.SimpleNamespace(input_name="float_input")])
+    act = (None, lambda: {"xa": types.SimpleNamespace(scale=np.float32(0.5))})
+    cfg = CompressConfig(bits=8, act_bits=8, act_noise=True)
+    pipeline._add_act_noise([la, lb], st, act, cfg)
+    np.testing.assert_allclose(st["a"].xtx, xtx + 40 * 0.25 / 12 * np.eye(5))
+    np.testing.assert_array_equal(st["b"].xtx, xtx)  # its input is not quantized
+    pipeline._add_act_noise([la], {"a": LayerStats(xtx.copy(), columns=40, samples=8)}, act,
+                            CompressConfig(bits=8, act_bits=8))  # off by default: nothing changes
+    with pytest.raises(ValueError, match="--act-noise"):
+        CompressConfig(bits=8, act_noise=True)
+
+
+def test_act_noise_end_to_end_on_the_shipped_model():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calib = [dict(np.load(root / "models/fmnist_calib.npz"))]
+    calib = [{k: v[:64] for k, v in calib[0].items() if k != "label"}]
+    a = compress(str(root / "models/fmnist_cnn.onnx"), None, calib, CompressConfig(bits=8, act_bits=8, method="exact"))
+    b = compress(str(root / "models/fmnist_cnn.onnx"), None, calib,
+                 CompressConfig(bits=8, act_bits=8, method="exact", act_noise=True))
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.extra["model"].graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.extra["model"].graph.initializer}
+    assert wa.keys() == wb.keys() and any(not np.array_equal(wa[k], wb[k]) for k in wa)  # the solves saw more noise
+    onnx.checker.check_model(b.extra["model"], full_check=True)

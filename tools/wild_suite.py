@@ -49,11 +49,13 @@ CONFIGS: dict[str, list[str]] = {
     "rtn4": ["--method", "rtn", "--bits", "4", "--qdq", "--opset", "21"],
     "w8a8": ["--method", "exact", "--bits", "8", "--act-bits", "8", "--qdq", "--opset", "13"],
     "w8a8_rtn": ["--method", "rtn", "--bits", "8", "--act-bits", "8", "--qdq", "--opset", "13"],
+    "w8a8_noise": ["--method", "exact", "--bits", "8", "--act-bits", "8", "--act-noise", "--qdq", "--opset", "13"],
     "nm24w8": ["--method", "exact", "--nm", "2:4", "--bits", "8", "--qdq", "--opset", "13", "--sparse-storage"],
     "nm24w8_magnitude": ["--method", "magnitude", "--nm", "2:4", "--bits", "8", "--qdq", "--opset", "13",
                          "--sparse-storage"],
 }
-BASELINE = {"exact50": "magnitude50", "obq4": "rtn4", "w8a8": "w8a8_rtn", "nm24w8": "nm24w8_magnitude"}
+BASELINE = {"exact50": "magnitude50", "obq4": "rtn4", "w8a8": "w8a8_rtn", "w8a8_noise": "w8a8_rtn",
+            "nm24w8": "nm24w8_magnitude"}
 
 
 @dataclass
