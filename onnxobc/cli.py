@@ -360,7 +360,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     per_layer, cands = _spec_options(args)
     cfg = CompressConfig(**per_layer, **cands, samples=args.samples, batch_size=args.batch_size,
                          database=args.database, allocation_error=args.allocation_error,
-                         stats_correction=args.stats_correction, opset=args.opset, **{f"target_{kind}": targets[0]})
+                         stats_correction=args.stats_correction, opset=args.opset, executor=args.executor,
+                         ray_address=args.ray_address, **{f"target_{kind}": targets[0]})
     out = Path(args.out)  # checked before any work: an existing folder must accept files, a new one a parent that does
     check_writable_outputs([out / "sweep.json" if out.is_dir() else out], force=True)
     rows = sweep(args.model, args.calib, args.data, cfg, targets, labels=args.labels, uniform=not args.no_uniform,
@@ -567,13 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for --verify (default 64; with calibration data at most those calibrated on)")
     x.add_argument("--verify-data", metavar="DATA",
                    help="verify on this held-out .npz (or folder) instead of the calibration samples (implies --verify)")
-    r = pc.add_argument_group("where the layers are solved")
-    r.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: in this process (default); ray: one Ray task per layer, biggest first, a GPU per task "
-                        "with --device cuda (pip install onnxobc[ray]); the output is the same byte for byte")
-    r.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster to use (e.g. 10.0.0.1:6379 or ray://host:10001; implies --executor ray; "
-                        "default: a local Ray started for the run)")
+    _add_executor_arguments(pc.add_argument_group("where the layers are solved"))
     pc.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     pc.add_argument("--force", action="store_true", help="overwrite an existing output")
     pc.set_defaults(func=cmd_compress)
@@ -605,8 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--stats-correction", choices=["none", "mean", "affine"], default="none")
     sg.add_argument("--opset", type=int, metavar="N", help="opset for low-bit QDQ storage (e.g. 21)")
     _add_spec_arguments(ps.add_argument_group("per-layer options (candidates with comma-separated lists)"))
+    _add_executor_arguments(ps.add_argument_group("where the layers are solved"))
     ps.set_defaults(func=cmd_sweep)
     return p
+
+
+def _add_executor_arguments(r) -> None:
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: one Ray task per layer, biggest first, a GPU per task "
+                        "with --device cuda (pip install onnxobc[ray]); the output is the same byte for byte")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to use (e.g. 10.0.0.1:6379 or ray://host:10001; implies --executor ray; "
+                        "default: a local Ray started for the run)")
 
 
 def _error(msg: str, code: int) -> None:

@@ -192,3 +192,22 @@ def test_unreachable_address_is_a_usage_error_at_once():
 def test_nothing_to_solve(ray_cluster):
     ex = RayExecutor()
     assert list(ex.solve([])) == [] and ex.submitted == []
+
+
+def test_sweep_takes_the_executor_options(tmp_path, monkeypatch):
+    """`onnxobc sweep --executor ray --ray-address A` reaches the config every compress of the sweep uses."""
+    import onnxobc.sweep as sweep_mod
+    from onnxobc.cli import main
+
+    seen = {}
+
+    def fake_sweep(model, calib, data, cfg, targets, **kw):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(sweep_mod, "sweep", fake_sweep)
+    monkeypatch.setattr(sweep_mod, "write", lambda rows, out, title: [tmp_path / "a", tmp_path / "sweep.md"])
+    (tmp_path / "sweep.md").write_text("table")
+    rc = main(["sweep", "m.onnx", "--calib", "c.npz", "--data", "d.npz", "--out", str(tmp_path / "o"),
+               "--target-flops", "0.5", "--executor", "ray", "--ray-address", "127.0.0.1:1", "-q"])
+    assert rc == 0 and seen["cfg"].executor == "ray" and seen["cfg"].ray_address == "127.0.0.1:1"
