@@ -57,16 +57,11 @@ DEFAULT_ARGS = "--method auto --bits 4 --group-size 128"
 
 
 def sgemm_gflops(n: int = 2048, reps: int = 3) -> float:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    """GFLOP/s of a float32 n x n x n product (best of ``reps``): tools/bench_calibration.py's yardstick."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_calibration import sgemm_rate
+
+    return sgemm_rate(n, n, reps)
 
 
 def run_compress(model: Path, calib: Path, out: Path, report: Path, args: str) -> dict:
