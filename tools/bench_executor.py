@@ -15,7 +15,9 @@ Ray by ``--ray-address`` to the same cluster), as a user would, so that each run
 per run: the subprocess's wall time, the report's calibration / compression seconds and sum of per-layer solve
 seconds, the driver's peak RSS (``ru_maxrss``) and CPU seconds, and for Ray the worker processes of the cluster,
 sampled every 0.5 s from /proc: the largest VmHWM of one worker, the peak of their summed private (anonymous)
-RSS, their CPU seconds, and the object store's shared memory held by the raylet. The outputs (``.onnx`` and its
+RSS, their CPU seconds; and the object store's size, as the rise of the machine's shared memory (/proc/meminfo
+Shmem: Ray's store lives in /dev/shm; other processes' shared memory counts too if it changes meanwhile) and as
+the shared pages mapped by the driver (RssShmem: the objects it wrote or read). The outputs (``.onnx`` and its
 data file) are compared byte for byte on disk, the reports as above (and without their input/output paths).
 
 Examples:
@@ -133,6 +135,14 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _meminfo_shmem() -> int:
+    """The machine's shared memory in use (tmpfs, /dev/shm: where Ray's object store lives), bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _proc_cpu(pid: int) -> float:
     """utime + stime seconds of a process (0 when it is gone)."""
     try:
@@ -206,7 +216,8 @@ def run_cli(case: Case, executor: str, out_dir: Path, args: str, address: str | 
     if executor == "ray" and session_dir:
         raylet, _ = ray_processes(session_dir)
     seen: dict[int, dict] = {}  # worker pid -> last status and CPU seconds (VmHWM only grows)
-    peak = dict(workers_anon=0, workers_rss=0, store_shmem=0, driver_anon=0, driver_shmem=0)
+    peak = dict(workers_anon=0, workers_rss=0, shmem_rise=0, driver_anon=0, driver_shmem=0)
+    shmem0 = _meminfo_shmem()
     stop = threading.Event()
 
     def sample(pid):
@@ -214,8 +225,8 @@ def run_cli(case: Case, executor: str, out_dir: Path, args: str, address: str | 
             st = _proc_status(pid)
             peak["driver_anon"] = max(peak["driver_anon"], st.get("RssAnon", 0))
             peak["driver_shmem"] = max(peak["driver_shmem"], st.get("RssShmem", 0))
+            peak["shmem_rise"] = max(peak["shmem_rise"], _meminfo_shmem() - shmem0)
             if raylet is not None:
-                peak["store_shmem"] = max(peak["store_shmem"], _proc_status(raylet).get("RssShmem", 0))
                 anon = rss = 0
                 for w in ray_processes(session_dir)[1]:
                     ws = _proc_status(w)
@@ -277,7 +288,8 @@ def print_decoder_table(results: list[tuple[Case, dict]], args_text: str) -> Non
     g = 2 ** 30
     head = ["case", "executor", "layers", "wall s", "calibration s", "compression s", "sum of solves s",
             "driver peak RSS GiB", "driver CPU s", "workers", "worker peak RSS GiB (largest VmHWM)",
-            "workers' private RSS peak GiB (sum)", "object store shm peak GiB", "workers CPU s",
+            "workers' private RSS peak GiB (sum)", "workers CPU s", "driver shared (store) peak GiB",
+            "machine Shmem rise peak GiB",
             "identical output", "identical report"]
     print(f"\ndecoder cases, compress {args_text}; each run a fresh process:\n")
     print("| " + " | ".join(head) + " |")
@@ -285,16 +297,16 @@ def print_decoder_table(results: list[tuple[Case, dict]], args_text: str) -> Non
     for case, res in results:
         for ex, r in res["runs"].items():
             ray_cols = ([str(r["workers"]), f"{r['worker_hwm'] / g:.2f}", f"{r['workers_anon'] / g:.2f}",
-                         f"{r['store_shmem'] / g:.2f}", f"{r['worker_cpu']:.0f}"] if ex == "ray" else ["-"] * 5)
+                         f"{r['worker_cpu']:.0f}"] if ex == "ray" else ["-"] * 4)
+            ray_cols += [f"{r['driver_shmem'] / g:.2f}", f"{r['shmem_rise'] / g:.2f}"]
             print("| " + " | ".join([case.name, ex, str(r["layers"]), f"{r['wall']:.1f}", f"{r['calibration']:.1f}",
                                      f"{r['compression']:.1f}", f"{r['solves']:.1f}", f"{r['peak_rss'] / g:.2f}",
                                      f"{r['cpu']:.0f}", *ray_cols,
                                      "yes" if res["same_out"] else "NO", "yes" if res["same_rep"] else "NO"]) + " |")
         lo, ra = res["runs"]["local"], res["runs"]["ray"]
         print(f"\n{case.name}: ray / local wall {ra['wall'] / lo['wall']:.2f}, compression "
-              f"{ra['compression'] / lo['compression']:.2f}; driver shared memory (object store pages) peak "
-              f"{ra['driver_shmem'] / g:.2f} GiB, private {ra['driver_anon'] / g:.2f} GiB (local: private "
-              f"{lo['driver_anon'] / g:.2f} GiB); sgemm {res['sgemm'][0]:.0f} / {res['sgemm'][1]:.0f} GFLOP/s and "
+              f"{ra['compression'] / lo['compression']:.2f}; driver private RSS peak {ra['driver_anon'] / g:.2f} GiB "
+              f"(local: {lo['driver_anon'] / g:.2f} GiB); sgemm {res['sgemm'][0]:.0f} / {res['sgemm'][1]:.0f} GFLOP/s and "
               f"load average {res['load'][0]:.1f} / {res['load'][1]:.1f} before / after")
 
 
