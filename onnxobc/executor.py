@@ -151,6 +151,23 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                          f"`ray start --head` and pass the address it prints") from None
 
 
+def _auth_hint(exc: BaseException) -> str:
+    """A hint when Ray refused the connection for want of its token: recent Ray's `ray start --head` turns token
+    authentication on (token in ~/.ray/auth_token), and a client connects only with RAY_AUTH_MODE=token set (Ray
+    itself only says that it could not connect)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e):
+            return ("; the cluster asks for a token (token authentication, the default of `ray start` in recent "
+                    "Ray): set RAY_AUTH_MODE=token in this environment (the token is read from ~/.ray/auth_token)")
+        todo += [e.__cause__, e.__context__]
+    return ""
+
+
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -191,7 +208,7 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             where = f"--ray-address {address}" if address else "a local Ray cluster"
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"could not start or reach {where}: {why}") from None
+            raise UsageError(f"could not start or reach {where}: {why}{_auth_hint(e)}") from None
         self.owned = True
 
     def solve(self, jobs: Iterable[SolveJob]) -> Iterator[tuple[Hashable, Any, float]]:

@@ -189,6 +189,37 @@ def test_unreachable_address_is_a_usage_error_at_once():
         _check_reachable(f"127.0.0.1:{port}")
 
 
+def test_token_authentication_refusal_says_what_to_set():
+    """Ray 2.5x's `ray start --head` asks clients for a token; Ray's own error only says it could not connect."""
+
+    class AuthenticationError(Exception):  # ray.exceptions.AuthenticationError, by name (Ray may be missing here)
+        pass
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kw):
+            try:
+                try:
+                    raise AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing")
+                except AuthenticationError as e:
+                    raise RuntimeError("Failed to connect to GCS. Last connection error: ...") from e
+            except RuntimeError as e:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.ray, ex.address, ex.num_cpus, ex.owned = FakeRay, "10.0.0.1:6379", None, False
+    with pytest.raises(UsageError, match="--ray-address 10.0.0.1:6379: Failed to connect.*set RAY_AUTH_MODE=token"):
+        ex._connect()
+    FakeRay.init = staticmethod(lambda **kw: (_ for _ in ()).throw(ConnectionError("Failed to connect")))
+    with pytest.raises(UsageError) as err:  # any other failure: no hint
+        ex._connect()
+    assert "RAY_AUTH_MODE" not in str(err.value)
+
+
 def test_nothing_to_solve(ray_cluster):
     ex = RayExecutor()
     assert list(ex.solve([])) == [] and ex.submitted == []
