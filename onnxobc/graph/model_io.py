@@ -25,17 +25,31 @@ _EXTERNAL_MIN_BYTES = 1024
 # Offsets of tensors in a data file written here are multiples of this (ONNX Runtime can map them in place).
 _EXTERNAL_ALIGN = 4096
 _ELIDED = "__onnxobc_elided__"
+# ONNX Runtime reads models whose tensors exceed this from a temporary external-data file (ModelFile) rather than
+# from serialised bytes: the bytes, and the deep copy an augmented graph would need, cost two copies of the weights.
+_FILE_SESSION_BYTES = 64 * 1024 * 1024
+# Low-memory mode ('auto': for models whose tensors exceed _LOW_MEMORY_BYTES; 'on'; 'off'): sessions read from a
+# ModelFile run with ONNX Runtime's weight prepacking off, so that it maps the file's weights instead of holding a
+# repacked copy (the forward pass is ~1.3-1.6x slower). Set for the length of a run by :func:`low_memory_mode`.
+_LOW_MEMORY_BYTES = 1024 ** 3
+_low_memory = "auto"
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load a model (with its external data) and check that it is a well-formed ONNX graph."""
+def load_model(path: str | os.PathLike, sources: dict | None = None) -> onnx.ModelProto:
+    """Load a model (with its external data) and check that it is a well-formed ONNX graph.
+
+    ``sources``, when given, receives where each main-graph initializer stored as external data lies on disk:
+    {name: (file, offset, length)} (see :func:`mapped_tensor`: the weights can then be read without a copy)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"model file not found: {p}")
     if p.is_dir():
         raise UsageError(f"{p} is a directory: give the path of an .onnx file")
     try:
-        model = onnx.load_model(str(p), load_external_data=True)
+        model = onnx.load_model(str(p), load_external_data=False)
+        if sources is not None:
+            sources.update(_external_sources(model, p.parent))
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:  # protobuf DecodeError, missing external data file, ...
         raise UnsupportedModel(
             f"cannot read {p} as an ONNX model ({type(e).__name__}: {e}); check that the file is a complete "
@@ -45,6 +59,44 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise UnsupportedModel(f"{p} holds no ONNX graph (no nodes): is it really an .onnx model file?")
     validate(model, str(p), p)
     return model
+
+
+def _external_sources(model: onnx.ModelProto, base: Path) -> dict[str, tuple[Path, int, int]]:
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            out[t.name] = (base / info["location"], int(info.get("offset", 0)), int(info["length"]))
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+def mapped_tensor(t: onnx.TensorProto, source: tuple[Path, int, int]):
+    """``t``'s value as a read-only array mapped from its external data file (no copy in memory: the pages are
+    the file's, and the kernel may drop them), or None where that cannot be done (a type numpy does not map, a
+    big-endian host, a length that does not match the dims)."""
+    import sys
+
+    import numpy as np
+
+    path, offset, length = source
+    if sys.byteorder != "little" or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16) \
+            or t.data_type in _PACKED_4BIT:
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:  # noqa: BLE001  (a type numpy cannot name)
+        return None
+    shape = tuple(int(d) for d in t.dims)
+    n = 1
+    for d in shape:
+        n *= d
+    if n * dtype.itemsize != length or length == 0 or not Path(path).is_file():
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _first_line(e: Exception) -> str:
@@ -136,6 +188,35 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     """True when ``model`` cannot be serialised as one protobuf message (its tensors are near 2 GiB): it must then
     be saved with external data, checked, shape-inferred and given to ONNX Runtime through a file."""
     return tensor_bytes(model) > _EXTERNAL_DATA_THRESHOLD
+
+
+def session_via_file(model: onnx.ModelProto) -> bool:
+    """True when ONNX Runtime should read ``model`` from a ModelFile rather than from serialised bytes."""
+    return tensor_bytes(model) > min(_FILE_SESSION_BYTES, _EXTERNAL_DATA_THRESHOLD)
+
+
+class low_memory_mode:
+    """``with low_memory_mode("auto" | "on" | "off"):`` the mode of the sessions made meanwhile (see
+    :func:`lean_session`); the previous mode is restored on exit."""
+
+    def __init__(self, mode: str):
+        if mode not in ("auto", "on", "off"):
+            raise UsageError(f"--low-memory must be auto, on or off, got {mode!r}")
+        self.mode = mode
+
+    def __enter__(self):
+        global _low_memory
+        self.prev, _low_memory = _low_memory, self.mode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _low_memory
+        _low_memory = self.prev
+
+
+def lean_session(tensor_bytes_: int) -> bool:
+    """Whether a session of a model with this many tensor bytes, read from a file, runs without weight prepacking."""
+    return _low_memory == "on" or (_low_memory == "auto" and tensor_bytes_ > _LOW_MEMORY_BYTES)
 
 
 def _elidable(t: onnx.TensorProto) -> bool:
@@ -241,6 +322,7 @@ class ModelFile:
 
     def __init__(self, model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="onnxobc-model-"))
+        self.tensor_bytes = tensor_bytes(model)
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         try:
             self.path = self.dir / "model.onnx"
@@ -263,10 +345,12 @@ class ModelFile:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` (strict_mode off) that also works beyond 2 GB: a large model is
-    inferred as its skeleton (shapes and types only; initializers keep their dims). Raises what onnx raises."""
-    src = split_external(model) if needs_external_data(model) else model
-    return onnx.shape_inference.infer_shapes(src, strict_mode=False)
+    """``onnx.shape_inference.infer_shapes`` (strict_mode off) on the model's skeleton: shapes and types only,
+    large initializers keep their dims but not their data (inference reads no weight values; integer tensors and
+    tensors under 1 KiB, which shapes may depend on, stay whole). So it works beyond 2 GB, and costs no copy of the
+    weights (serialising the whole model would cost two: the message and onnx's parse of it). Raises what onnx
+    raises; the result's elided initializers hold no data."""
+    return onnx.shape_inference.infer_shapes(split_external(model), strict_mode=False)
 
 
 def model_digest(model: onnx.ModelProto) -> str:
