@@ -106,7 +106,7 @@ def _compress(model, output, calib, config: CompressConfig, force: bool, progres
         check_writable_outputs([out_path], force=True)  # its directory accepts files (existence: just above)
     in_bytes = model_file_bytes(model) if not is_proto and os.path.isfile(model) else None  # first: it parses the file
     sources: dict = {}
-    original = _load(model, sources)
+    original = _load(model, sources, lazy=_lazy_ok(config))
     in_name = "<ModelProto>" if is_proto else str(model)
     work, layers, skipped, selected, specs = _plan(original, config, in_name, sources=sources, copy_needed=(
         is_proto or config.verify or config.act_calib == "search" or config.act_bias_correction
@@ -151,12 +151,22 @@ def _compress(model, output, calib, config: CompressConfig, force: bool, progres
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def _load(model: str | os.PathLike | onnx.ModelProto, sources: dict | None = None) -> onnx.ModelProto:
-    """The model; for a file, ``sources`` receives where its external-data weights lie (to map, not copy them)."""
+def _load(model: str | os.PathLike | onnx.ModelProto, sources: dict | None = None, lazy: bool = False
+          ) -> onnx.ModelProto:
+    """The model; for a file, ``sources`` receives where its external-data weights lie (to map, not copy them),
+    and with ``lazy`` its large external weights stay on disk (model_io.load_model)."""
     if not isinstance(model, onnx.ModelProto):
-        return load_model(model, sources)
+        return load_model(model, sources, lazy=lazy)
     validate(model, "the model")
     return model
+
+
+def _lazy_ok(config: CompressConfig) -> bool:
+    """Whether the run may leave the input's external-data weights on disk (see model_io.is_lazy): it only
+    replaces layers' weights and writes the rest back out. The passes that read or edit arbitrary tensors of the
+    model (W8A8, smoothing, bias and statistics correction, sparse storage, allocation) get it in memory."""
+    return not (config.act_bits or config.smooth_alpha is not None or config.act_bias_correction
+                or config.stats_correction != "none" or config.sparse_storage or config.target is not None)
 
 
 def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, copy_needed: bool,

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .adapters import OpLayout
-from .model_io import infer_shapes, mapped_tensor
+from .model_io import infer_shapes, mapped_tensor, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class GraphIndex:
                 value = mapped_tensor(self.inits[name], self.sources[name])
                 if value is not None:
                     return value
-            return numpy_helper.to_array(self.inits[name])
+            return tensor_value(self.inits[name])
         idx = self.producer.get(name)
         if idx is not None and self.node(idx).op_type == "Constant":
             for a in self.node(idx).attribute:

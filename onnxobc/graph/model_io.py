@@ -35,11 +35,14 @@ _LOW_MEMORY_BYTES = 1024 ** 3
 _low_memory = "auto"
 
 
-def load_model(path: str | os.PathLike, sources: dict | None = None) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, sources: dict | None = None, *, lazy: bool = False) -> onnx.ModelProto:
     """Load a model (with its external data) and check that it is a well-formed ONNX graph.
 
     ``sources``, when given, receives where each main-graph initializer stored as external data lies on disk:
-    {name: (file, offset, length)} (see :func:`mapped_tensor`: the weights can then be read without a copy)."""
+    {name: (file, offset, length)} (see :func:`mapped_tensor`: the weights can then be read without a copy).
+    ``lazy``: a model whose external data exceeds :data:`_FILE_SESSION_BYTES` keeps its large float weights on
+    disk: they stay *lazy* tensors (see :func:`is_lazy`) that every reader here resolves from the file, so the
+    model costs no memory for them. Meant for runs that replace some weights and write the rest back out."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"model file not found: {p}")
@@ -47,9 +50,14 @@ def load_model(path: str | os.PathLike, sources: dict | None = None) -> onnx.Mod
         raise UsageError(f"{p} is a directory: give the path of an .onnx file")
     try:
         model = onnx.load_model(str(p), load_external_data=False)
+        found = _external_sources(model, p.parent)
         if sources is not None:
-            sources.update(_external_sources(model, p.parent))
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+            sources.update(found)
+        if lazy and sum(n for _, _, n in found.values()) > min(_FILE_SESSION_BYTES, _EXTERNAL_DATA_THRESHOLD):
+            _make_lazy(model, found)  # the large float tensors point at their file by absolute path
+        for t in onnx.external_data_helper._get_all_tensors(model):  # the rest into memory (as onnx.load does)
+            if onnx.external_data_helper.uses_external_data(t) and not is_lazy(t):
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
     except Exception as e:  # protobuf DecodeError, missing external data file, ...
         raise UnsupportedModel(
             f"cannot read {p} as an ONNX model ({type(e).__name__}: {e}); check that the file is a complete "
@@ -58,6 +66,64 @@ def load_model(path: str | os.PathLike, sources: dict | None = None) -> onnx.Mod
     if not model.HasField("graph") or not model.graph.node:
         raise UnsupportedModel(f"{p} holds no ONNX graph (no nodes): is it really an .onnx model file?")
     validate(model, str(p), p)
+    return model
+
+
+_LAZY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+def _make_lazy(model: onnx.ModelProto, found: dict[str, tuple[Path, int, int]]) -> None:
+    for t in model.graph.initializer:
+        if t.name in found and t.data_type in _LAZY_TYPES and found[t.name][2] > _EXTERNAL_MIN_BYTES:
+            path, offset, length = found[t.name]
+            del t.external_data[:]
+            for k, v in (("location", str(Path(path).resolve())), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+
+
+def is_lazy(t: onnx.TensorProto) -> bool:
+    """A tensor whose data stays in the input model's external data file: EXTERNAL with an absolute location (an
+    in-memory form only: every writer here copies its bytes out; ONNX files hold relative locations)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    loc = next((e.value for e in t.external_data if e.key == "location"), "")
+    return os.path.isabs(loc)
+
+
+def _lazy_source(t: onnx.TensorProto) -> tuple[Path, int, int]:
+    info = {e.key: e.value for e in t.external_data}
+    return Path(info["location"]), int(info.get("offset", 0)), int(info["length"])
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    """Whether any main-graph initializer of ``model`` is lazy (see :func:`is_lazy`)."""
+    return any(is_lazy(t) for t in model.graph.initializer)
+
+
+def tensor_value(t: onnx.TensorProto):
+    """``numpy_helper.to_array`` that also reads lazy tensors (mapped from their file, read-only)."""
+    from onnx import numpy_helper
+
+    if is_lazy(t):
+        v = mapped_tensor(t, _lazy_source(t))
+        if v is not None:
+            return v
+        import numpy as np
+
+        return np.frombuffer(_tensor_bytes_of(t), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                             ).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Read every lazy tensor of ``model`` into memory (in place): an ordinary in-memory model. Returns it."""
+    for t in model.graph.initializer:
+        if is_lazy(t):
+            data = _tensor_bytes_of(t)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
     return model
 
 
@@ -114,7 +180,7 @@ def ort_refusal(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     try:
         if path is not None:
             ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        elif needs_external_data(model):
+        elif needs_external_data(model) or has_lazy(model):
             with ModelFile(model) as f:
                 ort.InferenceSession(str(f.path), so, providers=["CPUExecutionProvider"])
         else:
@@ -130,7 +196,7 @@ def validate(model: onnx.ModelProto, what: str, path: str | os.PathLike | None =
     creates a session for it. Returns the checker's complaint that was overridden (None: the checker passed);
     raises UnsupportedModel, with both reasons, when ONNX Runtime refuses too."""
     try:
-        if needs_external_data(model):  # the checker serialises what it is given: check the file, or the skeleton
+        if needs_external_data(model) or has_lazy(model):  # the checker serialises what it is given: the file or skeleton
             onnx.checker.check_model(str(path) if path is not None and Path(path).is_file() else split_external(model))
         else:
             onnx.checker.check_model(model)
@@ -149,9 +215,10 @@ _PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E
 
 def _nbytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data held in the message, from its dims and type: reading ``raw_data`` or calling
-    ``ByteSize()`` would copy or serialise the data (seconds for a large weight); external data counts 0."""
+    ``ByteSize()`` would copy or serialise the data (seconds for a large weight); external data counts 0, except
+    lazy tensors (model tensors not read into memory, see :func:`is_lazy`)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        return 0
+        return _lazy_source(t)[2] if is_lazy(t) else 0
     if t.data_type == onnx.TensorProto.STRING:
         return t.ByteSize()
     n = 1
@@ -179,7 +246,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 def proto_bytes(model: onnx.ModelProto) -> int:
     """The model's serialised size (``ByteSize()``), also beyond 2 GB (the skeleton plus the tensors' bytes)."""
-    if not needs_external_data(model):
+    if not needs_external_data(model) and not has_lazy(model):
         return model.ByteSize()
     return split_external(model).ByteSize() + sum(_nbytes(t) for t in model.graph.initializer if _elidable(t))
 
@@ -192,7 +259,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 def session_via_file(model: onnx.ModelProto) -> bool:
     """True when ONNX Runtime should read ``model`` from a ModelFile rather than from serialised bytes."""
-    return tensor_bytes(model) > min(_FILE_SESSION_BYTES, _EXTERNAL_DATA_THRESHOLD)
+    return tensor_bytes(model) > min(_FILE_SESSION_BYTES, _EXTERNAL_DATA_THRESHOLD) or has_lazy(model)
 
 
 class low_memory_mode:
@@ -220,11 +287,20 @@ def lean_session(tensor_bytes_: int) -> bool:
 
 
 def _elidable(t: onnx.TensorProto) -> bool:
-    return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type not in (onnx.TensorProto.INT64,
-            onnx.TensorProto.STRING) and _nbytes(t) > _EXTERNAL_MIN_BYTES)
+    return ((t.data_location != onnx.TensorProto.EXTERNAL or is_lazy(t)) and t.data_type not in (
+            onnx.TensorProto.INT64, onnx.TensorProto.STRING) and _nbytes(t) > _EXTERNAL_MIN_BYTES)
 
 
 def _tensor_bytes_of(t: onnx.TensorProto) -> bytes:
+    if is_lazy(t):
+        path, offset, length = _lazy_source(t)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise UnsupportedModel(f"initializer {t.name}: its external data file {path} ended early "
+                                   "(was it changed while onnxobc ran?)")
+        return data
     if t.HasField("raw_data"):
         return t.raw_data
     from onnx import numpy_helper
@@ -356,7 +432,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def model_digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the model: of its serialised bytes, or beyond 2 GB of its skeleton and its large tensors'
     bytes in order (serialising the whole model is impossible there)."""
-    if not needs_external_data(model):
+    if not needs_external_data(model) and not has_lazy(model):
         return hashlib.sha256(model.SerializeToString()).hexdigest()
     h = hashlib.sha256(split_external(model).SerializeToString())
     for t in model.graph.initializer:
