@@ -260,8 +260,11 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
     if config.target is not None:
         from .allocation import run as allocate_layers
 
-        def calibrate(layers: list[Layer]):
-            stats, _, n, _ = _calibrate(work, layers, specs, calib, config, progress, ranges=False)
+        def calibrate(layers: list[Layer], first: bool = True, staged: bool = False):
+            # stages after the first run unoptimised (the first pass's level search is exact or off), each only
+            # the graph its layers' inputs need (as in _compress_staged)
+            stats, _, n, _ = _calibrate(work, layers, specs, calib, config, progress, ranges=False,
+                                        **(dict(prune=True, optimize="auto" if first else "off") if staged else {}))
             return stats, n
 
         specs, solved, macs, allocation = allocate_layers(work, todo, specs, calib, config, calibrate, progress)
@@ -270,7 +273,7 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
         if config.act_bits and todo:
             _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False)
         return (specs, todo, solved, macs, act, allocation["samples"], token_mask,
-                allocation["seconds"]["calibration"], allocation, None)
+                allocation["seconds"]["calibration"], allocation, allocation.get("memory"))
     stages = _stage_plan(work, todo, specs, config)
     if stages.staged:
         return (specs, todo) + _compress_staged(work, todo, stages, specs, calib, config, progress) + (

@@ -154,3 +154,20 @@ def test_low_memory_sessions_compute_the_same(decoder, tmp_path):
         CompressConfig(low_memory="maybe")
     with pytest.raises(Exception, match="--low-memory"):
         model_io.low_memory_mode("maybe")
+
+
+def test_allocation_database_is_built_in_stages(tmp_path):
+    """With a target, the layers' Hessians are bounded by --stage-memory as without one: the database is built
+    stage by stage (same variants, same choice, same weights), and the report says how many bytes were held."""
+    model = graphs.mixed_cnn()
+    feeds = [graphs.make_feed(model, 32)]
+    cfg = dict(target_flops=0.5, cand_sparsity=(0.3, 0.5, 0.7), method="exact")
+    one = compress(model, None, feeds, CompressConfig(**cfg))
+    total = one.memory["hessian_bytes_total"]
+    assert one.memory["stages"] == 1 and one.memory["hessian_bytes_held_peak"] == total
+    staged = compress(model, None, feeds, CompressConfig(**cfg, stage_memory=total / 3 / 2 ** 20))
+    assert staged.memory["stages"] > 1 and staged.memory["passes"] == staged.memory["stages"]
+    assert staged.memory["hessian_bytes_held_peak"] < total
+    assert staged.plan == one.plan and staged.allocation["cost"] == one.allocation["cost"]
+    assert [l.error for l in staged.layers] == [l.error for l in one.layers]
+    assert _tensors(staged.extra["model"]) == _tensors(one.extra["model"])
