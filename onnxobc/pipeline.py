@@ -25,7 +25,8 @@ from .errors import CalibrationError, UsageError
 from .executor import SolveJob, executor_for
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
-from .graph.model_io import low_memory_mode, model_file_bytes, proto_bytes, validate
+from .graph.model_io import (lean_session, low_memory_mode, model_file_bytes, proto_bytes, spill_array, tensor_bytes,
+                              validate)
 from .layer_notes import dead_input_note, slow_layer_notes
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
@@ -281,20 +282,20 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
     stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
     _add_act_noise(todo, stats, act, config)
-    solved = _solve_layers(todo, specs, stats, config, progress)
+    solved = _solve_layers(todo, specs, stats, config, progress, spill=lean_session(tensor_bytes(work)))
     macs = {l.name: _macs(l, stats[l.name]) for l in todo}
     stages.note_held(stats)
     return specs, todo, solved, macs, act, samples, token_mask, t_cal, None, stages.summary()
 
 
 def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: CompressConfig, progress: Progress,
-                  ex=None) -> dict:
+                  ex=None, spill: bool = False) -> dict:
     """{name: (LayerResult, seconds)} for ``layers``, from their calibration statistics, on the executor ``ex``
     (default: a new one from the config; stages share one, so that Ray starts once)."""
     solved = {}
     if ex is None:
         with executor_for(config) as ex:
-            return _solve_layers(layers, specs, stats, config, progress, ex)
+            return _solve_layers(layers, specs, stats, config, progress, ex, spill)
     jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in layers)
     by_name = {l.name: l for l in layers}
     for name, res, seconds in progress(ex.solve(jobs), "compressing", len(layers)):  # ray: as they finish
@@ -302,6 +303,8 @@ def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: Compres
         note = dead_input_note(by_name[name], st.xtx if st.has_hessian else None, res)
         if note is not None:
             res.notes.append(note)
+        if spill and res.mats is not None:  # --low-memory: on disk until apply writes it (model_io.spill_array)
+            res = dataclasses.replace(res, mats=spill_array(res.mats))
         solved[name] = (res, seconds)
     return {l.name: solved[l.name] for l in layers}  # the layers' order, wherever they were solved
 
@@ -351,7 +354,7 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
             act = act or a
             _add_act_noise(stage, stats, act, config)
             stages.note_held(stats)
-            solved.update(_solve_layers(stage, specs, stats, config, progress, ex))
+            solved.update(_solve_layers(stage, specs, stats, config, progress, ex, lean_session(tensor_bytes(work))))
             macs.update({l.name: _macs(l, stats[l.name]) for l in stage})
             del stats  # freed before the next stage's Hessians are formed
     if config.sequential and config.act_bits:  # W8A8 ranges of the compressed model: one more pass, no Hessians

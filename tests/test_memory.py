@@ -171,3 +171,27 @@ def test_allocation_database_is_built_in_stages(tmp_path):
     assert staged.plan == one.plan and staged.allocation["cost"] == one.allocation["cost"]
     assert [l.error for l in staged.layers] == [l.error for l in one.layers]
     assert _tensors(staged.extra["model"]) == _tensors(one.extra["model"])
+
+
+def test_low_memory_spills_results_and_cleans_up(decoder, tmp_path, monkeypatch):
+    """--low-memory on: the solved weights wait on disk (mapped) until written; same model, folder removed."""
+    import tempfile
+
+    path, calib = decoder
+    ref = compress(path, None, str(calib), CompressConfig(method="rtn", bits=4, group_size=32, low_memory="off"))
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    spilled = []
+    real = model_io.spill_array
+
+    def spy(a):
+        out = real(a)
+        spilled.append(isinstance(out, np.memmap))
+        return out
+
+    monkeypatch.setattr("onnxobc.pipeline.spill_array", spy)
+    res = compress(path, None, str(calib), CompressConfig(method="rtn", bits=4, group_size=32, low_memory="on"))
+    assert spilled and all(spilled) and len(spilled) == len(res.layers)
+    assert _tensors(res.extra["model"]) == _tensors(ref.extra["model"])
+    assert not list(tmp.iterdir()), "spill folder left behind"

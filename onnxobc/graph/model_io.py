@@ -272,13 +272,33 @@ class low_memory_mode:
         self.mode = mode
 
     def __enter__(self):
-        global _low_memory
-        self.prev, _low_memory = _low_memory, self.mode
+        global _low_memory, _spill
+        self.prev, _low_memory = (_low_memory, _spill), self.mode
+        _spill = None
         return self
 
     def __exit__(self, *exc) -> None:
-        global _low_memory
-        _low_memory = self.prev
+        global _low_memory, _spill
+        if _spill is not None:
+            _spill.cleanup()
+        _low_memory, _spill = self.prev
+
+
+_spill = None  # the temporary folder of spill_array during a low_memory_mode block
+
+
+def spill_array(a):
+    """``a`` written to a temporary file and mapped back read-only (low-memory runs keep the layers' solved weights
+    on disk until they are written into the model). The folder lives until the enclosing
+    :class:`low_memory_mode` block ends (or the process, outside one)."""
+    global _spill
+    import numpy as np
+
+    if _spill is None:
+        _spill = tempfile.TemporaryDirectory(prefix="onnxobc-spill-")
+    path = Path(_spill.name) / f"{len(os.listdir(_spill.name))}.npy"
+    np.save(path, np.ascontiguousarray(a))
+    return np.load(path, mmap_mode="r")
 
 
 def lean_session(tensor_bytes_: int) -> bool:
