@@ -261,13 +261,24 @@ class Database:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _db_job(l: Layer, st, specs: list[LayerSpec]) -> SolveJob:
+    """One layer's database variants as one solve job (they share a trace)."""
+    problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32),
+                      None if l.layout.hessian_free else st.hessian(),
+                      l.layout.channels_last_perm(l.weight.shape),
+                      functools.partial(l.layout.group_size_problem, l.weight.shape))
+    counts = (st.row_counts if st.row_counts is not None else np.zeros(l.rows)) if l.layout.hessian_free else None
+    return SolveJob(l.name, problem, tuple(specs), counts)
+
+
 def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, LayerSpec], calib: Any, config,
         calibrate: Callable[[list[Layer]], tuple[dict, int]], progress) -> tuple[dict, dict, dict, dict]:
     """Build (or reuse) the database, choose a variant per layer, and return
     ({name: chosen spec or None}, {name: (LayerResult, seconds)} for the compressed ones, {name: MACs}, report).
 
-    ``calibrate(layers)`` runs the model and returns ({name: LayerStats}, samples); it is called only when some
-    variant is missing from the database."""
+    ``calibrate(layers, first=, staged=)`` runs the model and returns ({name: LayerStats}, samples); it is called
+    only when some variant is missing from the database, once per stage (``first``: the first pass; ``staged``:
+    there are several)."""
     t0 = time.perf_counter()
     target, fraction = config.target
     db = Database(config.database)
@@ -295,33 +306,39 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
         samples = None
         macs: dict[str, int] = {}
         t_cal = 0.0
+        memory = None
         if missing:
-            tc = time.perf_counter()
-            stats, samples = calibrate(missing)
-            t_cal = time.perf_counter() - tc
+            from .stages import MB, plan_stages
+
+            # the layers missing from the database are calibrated and solved in stages when their Hessians
+            # exceed the budget (--stage-memory; default half the available memory), as without a target: each
+            # stage's statistics are freed before the next pass, each variant goes to disk as it is solved
+            plan = plan_stages(model, missing, budget=None if config.stage_memory is None
+                               else int(config.stage_memory * MB))
             todo = {l.name: [s for s in offered[l.name] if not db.has(key(l, s))] for l in missing}
-            for l in missing:
-                m = l.static_macs()
-                macs[l.name] = m if m is not None else int(round(stats[l.name].positions_per_sample * l.params))
-
-            def job(l: Layer) -> SolveJob:
-                st = stats[l.name]
-                problem = Problem(l.name, l.layout.to_matrices(l.weight).astype(np.float32),
-                                  None if l.layout.hessian_free else st.hessian(),
-                                  l.layout.channels_last_perm(l.weight.shape),
-                                  functools.partial(l.layout.group_size_problem, l.weight.shape))
-                counts = (st.row_counts if st.row_counts is not None else np.zeros(l.rows)) if l.layout.hessian_free else None
-                return SolveJob(l.name, problem, tuple(todo[l.name]), counts)
-
-            solved = {}
+            by_name = {l.name: l for l in missing}
             with executor_for(config) as ex:  # local: one layer after the other; ray: tasks, as they finish
-                for name, res, _ in progress(ex.solve(job(l) for l in missing), "database", len(missing)):
-                    solved[name] = res
-            for l in missing:  # the database in the layers' order, wherever they were solved
-                for s, res in zip(todo[l.name], solved[l.name]):
-                    db.put(key(l, s), res, dict(layer=l.name, macs=macs[l.name], samples=samples))
-                    db.misses += 1
+                for k, stage in enumerate(plan.stages):
+                    tc = time.perf_counter()
+                    stats, n = calibrate(stage, first=k == 0, staged=plan.staged)
+                    t_cal += time.perf_counter() - tc
+                    samples = samples or n
+                    plan.note_held(stats)
+                    for l in stage:
+                        m = l.static_macs()
+                        macs[l.name] = m if m is not None else int(round(stats[l.name].positions_per_sample * l.params))
+                    jobs = (_db_job(l, stats[l.name], todo[l.name]) for l in stage)
+                    for name, res, _ in progress(ex.solve(jobs), "database", len(stage)):
+                        for s, r in zip(todo[name], res):  # to disk as they come: no stage's variants all in memory
+                            db.put(key(by_name[name], s), r, dict(layer=name, macs=macs[name], samples=samples))
+                            db.misses += 1
+                    del stats, jobs
+            order = [key(l, s) for l in missing for s in todo[l.name]]  # the index in the layers' order
+            new = set(order)
+            db.index = {k: v for k, v in db.index.items() if k not in new} | {k: db.index[k] for k in order}
             db.save()
+            memory = plan.summary()
+
         if config.allocation_error == "output":
             probe = None
             for l in progress(layers, "output errors", len(layers)):
@@ -374,7 +391,8 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                       achieved=spent / dense_total if dense_total else 0.0,
                       candidates={l.name: len(variants[l.name]) for l in layers},
                       database=None if db.tmp else str(db.dir), variants_reused=sum(len(v) - 1 for v in variants.values()) - db.misses, variants_solved=db.misses,
-                      seconds=dict(calibration=t_cal, total=time.perf_counter() - t0), samples=samples)
+                      seconds=dict(calibration=t_cal, total=time.perf_counter() - t0), samples=samples,
+                      memory=memory)
         return chosen, results, macs, report
     finally:
         db.close()

@@ -60,6 +60,7 @@ class CompressConfig(LayerSpec):
     ray_address: str | None = None  # --ray-address: the Ray cluster to use (implies executor 'ray'); None: a local one
     sequential: bool = False  # calibrate stage by stage on the model whose earlier stages are already compressed
     stage_memory: float | None = None  # MB of Hessians held at once (None: half the available memory); over it: stages
+    low_memory: str = "auto"  # ONNX Runtime maps the weights, no prepacked copy: 'on', 'off', 'auto' (weights > 1 GiB)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_axes, dict):
@@ -70,6 +71,8 @@ class CompressConfig(LayerSpec):
         if self.ray_address is not None:
             object.__setattr__(self, "executor", "ray")
         super().__post_init__()
+        if self.low_memory not in ("auto", "on", "off"):
+            raise ValueError(f"--low-memory must be auto, on or off, got {self.low_memory!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"--executor must be 'local' or 'ray', got {self.executor!r}")
         if self.samples is not None and self.samples < 1:

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,8 @@ from .errors import CalibrationError, UsageError
 from .executor import SolveJob, executor_for
 from .export import ExportOptions, apply, ensure_opset, layer_cost, save_model_atomic, storage_format
 from .graph import Layer, check_output_path, find_layers, load_model, select_layers
-from .graph.model_io import model_file_bytes, proto_bytes, validate
+from .graph.model_io import (lean_session, low_memory_mode, model_file_bytes, proto_bytes, spill_array, tensor_bytes,
+                              validate)
 from .layer_notes import dead_input_note, slow_layer_notes
 from .paths import check_writable_outputs
 from .plan import plan_rules, resolve
@@ -94,15 +95,21 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     """Compress ``model`` with ``config`` using calibration data ``calib`` (.npz path, directory of .npz,
     or an iterable of {input_name: array} feeds) and write the result to ``output`` (None: don't save;
     the compressed ModelProto is in ``result.extra['model']``). The input model is never modified."""
-    progress = progress or _identity_progress
+    with low_memory_mode(config.low_memory):
+        return _compress(model, output, calib, config, force, progress or _identity_progress)
+
+
+def _compress(model, output, calib, config: CompressConfig, force: bool, progress: Progress) -> CompressResult:
     t0 = time.perf_counter()
     is_proto = isinstance(model, onnx.ModelProto)
     out_path = None if output is None else check_output_path(output, [] if is_proto else [model], force)
     if out_path is not None:
         check_writable_outputs([out_path], force=True)  # its directory accepts files (existence: just above)
-    original = _load(model)
+    in_bytes = model_file_bytes(model) if not is_proto and os.path.isfile(model) else None  # first: it parses the file
+    sources: dict = {}
+    original = _load(model, sources, lazy=_lazy_ok(config))
     in_name = "<ModelProto>" if is_proto else str(model)
-    work, layers, skipped, selected, specs = _plan(original, config, in_name, copy_needed=(
+    work, layers, skipped, selected, specs = _plan(original, config, in_name, sources=sources, copy_needed=(
         is_proto or config.verify or config.act_calib == "search" or config.act_bias_correction
         or config.smooth_alpha is not None))
     smooth_notes = []
@@ -112,7 +119,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     t_eng = time.perf_counter()
     specs, todo, solved, macs, act, samples, token_mask, t_cal, allocation, memory = _compress_layers(
         work, todo, specs, calib, config, progress)
-    weights = {l.name: (_weight(l, solved[l.name][0]), solved[l.name][0].grid) for l in todo}
+    weights = _Weights(todo, solved)
     out_model, written = apply(work, todo, weights, ExportOptions.of(config),
                                activations=act and functools.partial(_act_params, act, original, calib, config),
                                correct=_correction(work, todo, calib, config, token_mask),
@@ -122,11 +129,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     verify = _verify(original, out_model, calib, config, samples) if config.verify else None  # before anything is written
     result = CompressResult(
         input=in_name, output=str(out_path) if out_path else None,
-        config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights[l.name][0], macs[l.name],
+        config=config.to_dict(), layers=[_report(l, specs[l.name], *solved[l.name], weights.zeros[l.name], macs[l.name],
                                                  written.layers[l.name], config) for l in todo],
         skipped=[asdict(s) for s in skipped], not_selected=[l.name for l in layers if specs.get(l.name) is None],
         samples=samples, seconds={"calibration": t_cal, "compression": t_eng}, token_mask=token_mask,
-        input_bytes=proto_bytes(original) if is_proto else model_file_bytes(model), verify=verify,
+        input_bytes=proto_bytes(original) if is_proto else in_bytes, verify=verify,
         sparse_storage=written.sparse_storage,
         activations=None if act is None else written.activations + act[2] + smooth_notes + (written.finish or []),
         plan=plan_rules([l.name for l in layers], specs), allocation=allocation, correction=written.correction,
@@ -135,26 +142,41 @@ def compress(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     slow_layer_notes(result.layers)
     result.cost = {k: _total([l.cost[k] for l in result.layers]) for k in ("macs", "eff_macs", "bops", "bytes", "dense_bytes")}
     if out_path is not None:
-        save_model_atomic(out_model, out_path)
-        result.output_bytes = model_file_bytes(out_path)
+        # an input with its weights in external data gives an output like it (written tensor by tensor, never
+        # serialised whole: no copy of the model in memory); else external data only beyond the 2 GB limit
+        written_files = save_model_atomic(out_model, out_path, external_data=True if sources else None)
+        result.output_bytes = sum(f.stat().st_size for f in written_files)
     result.seconds["total"] = time.perf_counter() - t0
     result.extra["model"] = out_model
     return result
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def _load(model: str | os.PathLike | onnx.ModelProto, sources: dict | None = None, lazy: bool = False
+          ) -> onnx.ModelProto:
+    """The model; for a file, ``sources`` receives where its external-data weights lie (to map, not copy them),
+    and with ``lazy`` its large external weights stay on disk (model_io.load_model)."""
     if not isinstance(model, onnx.ModelProto):
-        return load_model(model)
+        return load_model(model, sources, lazy=lazy)
     validate(model, "the model")
     return model
 
 
-def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, copy_needed: bool
-          ) -> tuple[onnx.ModelProto, list[Layer], list, list[Layer], dict[str, LayerSpec | None]]:
+def _lazy_ok(config: CompressConfig) -> bool:
+    """Whether the run may leave the input's external-data weights on disk (see model_io.is_lazy): it only
+    replaces layers' weights and writes the rest back out. The passes that read or edit arbitrary tensors of the
+    model (W8A8, smoothing, bias and statistics correction, sparse storage, allocation) get it in memory."""
+    return not (config.act_bits or config.smooth_alpha is not None or config.act_bias_correction
+                or config.stats_correction != "none" or config.sparse_storage or config.target is not None)
+
+
+def _plan(original: onnx.ModelProto, config: CompressConfig, in_name: str, *, copy_needed: bool,
+          sources: dict | None = None) -> tuple[onnx.ModelProto, list[Layer], list, list[Layer], dict[str, LayerSpec | None]]:
     """The model to edit (converted to the opset the plan's storage needs, zero Pads folded for W8A8), its
-    layers, the skipped candidates, the selected layers and every layer's spec (None: left as it is)."""
-    layers, skipped = find_layers(original)
+    layers, the skipped candidates, the selected layers and every layer's spec (None: left as it is).
+    ``sources``: where the loaded file's external-data weights lie (the layers' weights are then mapped from it,
+    read-only, as long as the model is not edited before they are found)."""
+    layers, skipped = find_layers(original, sources)
     if not layers:
         raise UsageError(f"{in_name} has no compressible Gemm/MatMul/Conv/ConvTranspose layer with a constant weight "
                          f"({len(skipped)} candidates skipped: run `onnxobc inspect` to see why)")
@@ -239,8 +261,11 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
     if config.target is not None:
         from .allocation import run as allocate_layers
 
-        def calibrate(layers: list[Layer]):
-            stats, _, n, _ = _calibrate(work, layers, specs, calib, config, progress, ranges=False)
+        def calibrate(layers: list[Layer], first: bool = True, staged: bool = False):
+            # stages after the first run unoptimised (the first pass's level search is exact or off), each only
+            # the graph its layers' inputs need (as in _compress_staged)
+            stats, _, n, _ = _calibrate(work, layers, specs, calib, config, progress, ranges=False,
+                                        **(dict(prune=True, optimize="auto" if first else "off") if staged else {}))
             return stats, n
 
         specs, solved, macs, allocation = allocate_layers(work, todo, specs, calib, config, calibrate, progress)
@@ -249,7 +274,7 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
         if config.act_bits and todo:
             _, act, _, _ = _calibrate(work, todo, specs, calib, config, progress, hessians=False)
         return (specs, todo, solved, macs, act, allocation["samples"], token_mask,
-                allocation["seconds"]["calibration"], allocation, None)
+                allocation["seconds"]["calibration"], allocation, allocation.get("memory"))
     stages = _stage_plan(work, todo, specs, config)
     if stages.staged:
         return (specs, todo) + _compress_staged(work, todo, stages, specs, calib, config, progress) + (
@@ -257,20 +282,20 @@ def _compress_layers(work: onnx.ModelProto, todo: list[Layer], specs: dict, cali
     stats, act, samples, token_mask = _calibrate(work, todo, specs, calib, config, progress)
     t_cal = time.perf_counter() - t_cal
     _add_act_noise(todo, stats, act, config)
-    solved = _solve_layers(todo, specs, stats, config, progress)
+    solved = _solve_layers(todo, specs, stats, config, progress, spill=lean_session(tensor_bytes(work)))
     macs = {l.name: _macs(l, stats[l.name]) for l in todo}
     stages.note_held(stats)
     return specs, todo, solved, macs, act, samples, token_mask, t_cal, None, stages.summary()
 
 
 def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: CompressConfig, progress: Progress,
-                  ex=None) -> dict:
+                  ex=None, spill: bool = False) -> dict:
     """{name: (LayerResult, seconds)} for ``layers``, from their calibration statistics, on the executor ``ex``
     (default: a new one from the config; stages share one, so that Ray starts once)."""
     solved = {}
     if ex is None:
         with executor_for(config) as ex:
-            return _solve_layers(layers, specs, stats, config, progress, ex)
+            return _solve_layers(layers, specs, stats, config, progress, ex, spill)
     jobs = (_job(layer, specs[layer.name], stats[layer.name], config) for layer in layers)
     by_name = {l.name: l for l in layers}
     for name, res, seconds in progress(ex.solve(jobs), "compressing", len(layers)):  # ray: as they finish
@@ -278,6 +303,8 @@ def _solve_layers(layers: list[Layer], specs: dict, stats: dict, config: Compres
         note = dead_input_note(by_name[name], st.xtx if st.has_hessian else None, res)
         if note is not None:
             res.notes.append(note)
+        if spill and res.mats is not None:  # --low-memory: on disk until apply writes it (model_io.spill_array)
+            res = dataclasses.replace(res, mats=spill_array(res.mats))
         solved[name] = (res, seconds)
     return {l.name: solved[l.name] for l in layers}  # the layers' order, wherever they were solved
 
@@ -327,7 +354,7 @@ def _compress_staged(work: onnx.ModelProto, todo: list[Layer], stages, specs: di
             act = act or a
             _add_act_noise(stage, stats, act, config)
             stages.note_held(stats)
-            solved.update(_solve_layers(stage, specs, stats, config, progress, ex))
+            solved.update(_solve_layers(stage, specs, stats, config, progress, ex, lean_session(tensor_bytes(work))))
             macs.update({l.name: _macs(l, stats[l.name]) for l in stage})
             del stats  # freed before the next stage's Hessians are formed
     if config.sequential and config.act_bits:  # W8A8 ranges of the compressed model: one more pass, no Hessians
@@ -454,13 +481,39 @@ def _weight(layer: Layer, res: LayerResult) -> np.ndarray:
     return layer.layout.from_matrices(res.mats.astype(layer.weight.dtype), layer.weight.shape)
 
 
+class _Weights(Mapping):
+    """{layer name: (new weight as the consumers see it, grid)} for apply, made one layer at a time when apply asks
+    for it: each layer's solved matrices are dropped from ``solved`` once its weight is made (apply writes it
+    into the model and lets go of it), so the results, their weights and the written tensors never all exist at
+    once. ``zeros`` records each weight's fraction of zeros for the report."""
+
+    def __init__(self, layers: list[Layer], solved: dict):
+        self.layers, self.solved, self.zeros = {l.name: l for l in layers}, solved, {}
+
+    def __getitem__(self, name: str):
+        res, seconds = self.solved[name]
+        w = _weight(self.layers[name], res)
+        self.zeros[name] = float(np.mean(w == 0))
+        self.solved[name] = (dataclasses.replace(res, mats=None), seconds)
+        return w, res.grid
+
+    def __contains__(self, name) -> bool:  # without making the weight (Mapping's would)
+        return name in self.layers
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
 def _macs(layer: Layer, st) -> int:
     """MACs per sample: from static shapes, else from the positions seen in calibration."""
     macs = layer.static_macs()
     return macs if macs is not None else int(round(st.positions_per_sample * layer.params))
 
 
-def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_new: np.ndarray, macs: int,
+def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, zeros: float, macs: int,
             written: str, config: CompressConfig) -> LayerReport:
     applied = None if res.dense else res.spec
     opts = ExportOptions.of(config)
@@ -468,7 +521,7 @@ def _report(layer: Layer, spec: LayerSpec, res: LayerResult, seconds: float, w_n
                       config.act_bits)
     return LayerReport(
         name=layer.name, op=layer.op, shape=layer.shape_str, groups=layer.groups, params=layer.params, macs=macs,
-        method="dense" if res.dense else config.spec_label(res.spec if layer.layout.hessian_free else spec), sparsity=float(np.mean(w_new == 0)),
+        method="dense" if res.dense else config.spec_label(res.spec if layer.layout.hessian_free else spec), sparsity=zeros,
         bits=None if res.dense else spec.bits, error=res.error, seconds=seconds, written=written,
         note="; ".join(filter(None, [res.note, _storage_note(layer, applied, opts)])),
         notes=[asdict(n) for n in res.notes], cost=asdict(cost), solver=res.solver,

@@ -5,7 +5,7 @@ from typing import Any
 
 import onnx
 
-from .graph.model_io import ModelFile, needs_external_data
+from .graph.model_io import ModelFile, lean_session, session_via_file
 
 
 def session_source(model: onnx.ModelProto | bytes | ModelFile) -> bytes | ModelFile:
@@ -13,7 +13,7 @@ def session_source(model: onnx.ModelProto | bytes | ModelFile) -> bytes | ModelF
     (external data). Serialise (or write) once where several sessions of one model are made."""
     if isinstance(model, (bytes, ModelFile)):
         return model
-    return ModelFile(model) if needs_external_data(model) else model.SerializeToString()
+    return ModelFile(model) if session_via_file(model) else model.SerializeToString()
 
 
 def inference_session(model: onnx.ModelProto | bytes | ModelFile, so: Any, providers: list[str] | None = None) -> Any:
@@ -26,8 +26,10 @@ def inference_session(model: onnx.ModelProto | bytes | ModelFile, so: Any, provi
     if isinstance(model, bytes):
         return ort.InferenceSession(model, so, providers=providers)
     if isinstance(model, ModelFile):
+        if lean_session(model.tensor_bytes):  # ONNX Runtime then maps the file's weights instead of repacking them
+            so.add_session_config_entry("session.disable_prepacking", "1")
         return ort.InferenceSession(str(model.path), so, providers=providers)
-    if needs_external_data(model):
+    if session_via_file(model):
         with ModelFile(model) as f:
-            return ort.InferenceSession(str(f.path), so, providers=providers)
+            return inference_session(f, so, providers)
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers)

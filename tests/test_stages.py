@@ -187,8 +187,8 @@ def _record_solves(monkeypatch):
         seen[layer.name] = (st.hessian().copy(), None, layer)
         return job(layer, spec, st, config)
 
-    def rec_solve(layers, specs, stats, config, progress, ex=None):
-        out = solve_layers(layers, specs, stats, config, progress, ex)
+    def rec_solve(layers, specs, stats, config, progress, ex=None, spill=False):
+        out = solve_layers(layers, specs, stats, config, progress, ex, spill)
         for name, (res, _) in out.items():
             seen[name] = (seen[name][0], res, seen[name][2])
         return out

@@ -71,15 +71,19 @@ def run_compress(model: Path, calib: Path, out: Path, report: Path, args: str) -
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     t = time.perf_counter()
     p = subprocess.Popen(cmd, env=env)
-    timeline: list[tuple[float, int]] = []  # (seconds since start, RSS bytes), sampled every 0.5 s
+    # (seconds since start, RSS bytes, anonymous RSS bytes), sampled every 0.5 s. RSS also counts the pages of
+    # files mapped in (weights read in place from their external data file: the kernel may drop them under
+    # pressure); the anonymous part is the memory the run really holds
+    timeline: list[tuple[float, int, int]] = []
 
     def sample():
         f = Path(f"/proc/{p.pid}/status")
         while p.returncode is None:
             try:
-                rss = next(int(x.split()[1]) * 1024 for x in f.read_text().splitlines() if x.startswith("VmRSS:"))
-                timeline.append((time.perf_counter() - t, rss))
-            except (OSError, StopIteration):
+                st = {x.split(":")[0]: int(x.split()[1]) * 1024 for x in f.read_text().splitlines()
+                      if x.startswith(("VmRSS:", "RssAnon:"))}
+                timeline.append((time.perf_counter() - t, st["VmRSS"], st["RssAnon"]))
+            except (OSError, KeyError, IndexError, ValueError):
                 break
             time.sleep(0.5)
 
@@ -92,6 +96,7 @@ def run_compress(model: Path, calib: Path, out: Path, report: Path, args: str) -
         raise SystemExit(f"compress failed (exit {p.returncode})")
     th.join(timeout=2)
     return dict(cmd=cmd, wall=wall, peak_rss=usage.ru_maxrss * 1024, user=usage.ru_utime, sys=usage.ru_stime,
+                peak_anon=max((x[2] for x in timeline), default=None),
                 rss_timeline=timeline[::max(1, len(timeline) // 400)])
 
 
@@ -110,9 +115,11 @@ def rss_phases(run: dict, secs: dict) -> str:
     b3 = b2 + secs["compression"]
     out = []
     for name, lo, hi in (("load+plan", 0, b1), ("calibration", b1, b2), ("solve+export", b2, b3), ("save", b3, 1e18)):
-        vals = [r for tt, r in tl if lo <= tt < hi]
+        vals = [x for x in tl if lo <= x[0] < hi]
         if vals:
-            out.append(f"{name} {max(vals) / 2 ** 30:.2f}")
+            anon = [x[2] for x in vals if len(x) > 2]
+            out.append(f"{name} {max(x[1] for x in vals) / 2 ** 30:.2f}"
+                       + (f" (anonymous {max(anon) / 2 ** 30:.2f})" if anon else ""))
     return "sampled peak RSS (GiB) per phase, approximate boundaries: " + ", ".join(out)
 
 
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{gib(in_bytes)} on disk (external data); calibration {ids.shape[0]} x {ids.shape[1]} tokens")
     print(f"compress {a.args}: wall {run['wall']:.1f} s (calibration {secs['calibration']:.1f} s, solve + export "
           f"{secs['compression']:.1f} s, total in-process {secs['total']:.1f} s); CPU user {run['user']:.0f} s")
-    print(f"peak RSS {gib(run['peak_rss'])} for a {gib(in_bytes)} model (output {gib(out_bytes or 0)}); "
+    anon = f" (sampled peak anonymous memory {gib(run['peak_anon'])})" if run.get("peak_anon") else ""
+    print(f"peak RSS {gib(run['peak_rss'])}{anon} for a {gib(in_bytes)} model (output {gib(out_bytes or 0)}); "
           f"float64 Hessians of all layers {gib(hessian_bytes(H, F, B, V, False))}, of one block "
           f"{gib(hessian_bytes(H, F, B, V, True))}")
     print(rss_phases(run, secs))

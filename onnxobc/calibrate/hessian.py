@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import CalibrationError
 from .data import _take, feed_samples, input_specs
 from ..graph.layers import Layer, tensor_types
-from ..graph.model_io import ModelFile, needs_external_data
+from ..graph.model_io import ModelFile, session_via_file
 from ..runtime import inference_session, session_source
 
 log = logging.getLogger(__name__)
@@ -198,18 +198,23 @@ def augmented_source(model: onnx.ModelProto, tensors: list[str], expose: dict[st
                      *, prune: bool = False, types: dict[str, int] | None = None,
                      edit: Callable[[onnx.ModelProto], None] | None = None) -> tuple[bytes | ModelFile, list[str]]:
     """What ONNX Runtime reads the augmented model from (see :func:`augment`), and the fetched tensors: the
-    augmented copy serialised, or beyond 2 GB a ModelFile whose graph has the outputs added (the weights are
-    written once and never copied in memory; ``prune`` does not apply there). ``edit`` changes the copy before it
+    augmented copy serialised, or for a large model (see :func:`session_via_file`) a ModelFile whose graph has
+    the outputs added (the weights are written once and never copied in memory). ``edit`` changes the copy before it
     is serialised (e.g. :func:`onnxobc.stages.replace_weights`)."""
-    if not needs_external_data(model):
+    if not session_via_file(model):
         aug, fetch = augment(model, tensors, expose, prune=prune, types=types)
         if edit is not None:
             edit(aug)
         return aug.SerializeToString(), fetch
     types, fetch = tensor_types(model) if types is None else types, []
 
-    def change(small: onnx.ModelProto) -> None:
-        fetch.extend(_add_outputs(small, types, tensors, expose))
+    def change(small: onnx.ModelProto) -> None:  # the written skeleton: its weights are in the data file already
+        if prune:
+            aug, f = augment(small, tensors, expose, prune=True, types=types)
+            small.CopyFrom(aug)
+            fetch.extend(f)
+        else:
+            fetch.extend(_add_outputs(small, types, tensors, expose))
         if edit is not None:
             edit(small)
 

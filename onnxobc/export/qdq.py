@@ -77,10 +77,10 @@ def ensure_opset(model: onnx.ModelProto, bits: int, opset: int | None, *, blocke
         raise UsageError(f"--opset {opset} is lower than the model's opset {have}: onnxobc never lowers an opset")
     from onnx import version_converter
 
-    from ..graph.model_io import needs_external_data, restore_elided, split_external, validate
+    from ..graph.model_io import has_lazy, needs_external_data, restore_elided, split_external, validate
 
     try:
-        if needs_external_data(model):  # the converter serialises its input: convert the skeleton, weights after
+        if needs_external_data(model) or has_lazy(model):  # the converter serialises its input: convert the skeleton, weights after
             converted = restore_elided(version_converter.convert_version(split_external(model), target), model)
         else:
             converted = version_converter.convert_version(model, target)

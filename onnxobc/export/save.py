@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from ..graph.model_io import needs_external_data, split_external
+from ..graph.model_io import has_lazy, needs_external_data, split_external
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, exte
     out = Path(output)
     if external_data is None:
         external_data = needs_external_data(model)
+    external_data = external_data or has_lazy(model)  # lazy tensors' bytes are on disk: they go to the data file
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxobc-", dir=out.parent))
     written: list[Path] = []
     try:

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .adapters import OpLayout
-from .model_io import infer_shapes
+from .model_io import infer_shapes, mapped_tensor, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,9 @@ def _names_used_in(graph: onnx.GraphProto) -> set[str]:
 class GraphIndex:
     """Producers, consumers and constants of the main graph, built once."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, sources: dict | None = None):
         self.model = model
+        self.sources = sources or {}  # initializers whose data file is known: read mapped (model_io.load_model)
         g = model.graph
         self.inits = {t.name: t for t in g.initializer}
         self.graph_inputs = {i.name for i in g.input}
@@ -162,7 +163,11 @@ class GraphIndex:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         if name in self.inits and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.inits[name])
+            if name in self.sources:
+                value = mapped_tensor(self.inits[name], self.sources[name])
+                if value is not None:
+                    return value
+            return tensor_value(self.inits[name])
         idx = self.producer.get(name)
         if idx is not None and self.node(idx).op_type == "Constant":
             for a in self.node(idx).attribute:
@@ -436,9 +441,11 @@ def _compatible(a: OpLayout, b: OpLayout) -> bool:
     return True
 
 
-def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
-    """All compressible layers of the main graph, and every candidate skipped with its reason."""
-    ix = GraphIndex(model)
+def find_layers(model: onnx.ModelProto, sources: dict | None = None) -> tuple[list[Layer], list[Skipped]]:
+    """All compressible layers of the main graph, and every candidate skipped with its reason. ``sources``
+    (from :func:`~onnxobc.graph.model_io.load_model`, for the model exactly as loaded): weights stored as
+    external data are then mapped from their file, read-only, instead of copied."""
+    ix = GraphIndex(model, sources)
     shapes = _infer_shapes(model)
     skipped: list[Skipped] = []
     by_weight: dict[str, list[Consumer]] = defaultdict(list)
