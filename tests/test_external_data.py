@@ -7,8 +7,6 @@ decoder (tools/make_decoder.py, weights as external data) then goes through comp
 allocation, QDQ with an opset conversion), eval, inspect and sweep; the outputs must match the in-memory path.
 """
 import hashlib
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,27 +22,7 @@ from onnxobc.errors import UnsupportedModel
 from onnxobc.graph import model_io
 from onnxobc.pipeline import compress
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 20_000  # bytes: the tiny decoder's tensors hold ~150 KB
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_decoder", ROOT / "tools" / "make_decoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_decoder", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def decoder(tmp_path):
-    """(model path, calib .npz, test .npz) of a 1-block decoder, hidden 64, stored with external data."""
-    tool = _tool()
-    d = tmp_path / "dec"
-    tool.build(hidden=64, ffn=128, blocks=1, vocab=96, head_dim=16, max_seq=32, rank=4, seed=0, out=d)
-    np.savez(d / "calib.npz", input_ids=tool.tokens(8, 16, 96, 1))
-    np.savez(d / "test.npz", input_ids=tool.tokens(4, 16, 96, 2))
-    return d / "decoder.onnx", d / "calib.npz", d / "test.npz"
 
 
 def _big(m) -> bool:

@@ -4,8 +4,6 @@ copied, shape inference on the skeleton, --low-memory sessions, and the outputs 
 The real sizes are measured by tools/bench_scale.py; here a tiny decoder stored with external data is sent down
 the same code paths by lowering the size above which they apply."""
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +16,6 @@ from onnxobc.evaluate import evaluate
 from onnxobc.graph import find_layers, model_io
 from onnxobc.pipeline import compress
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_decoder", ROOT / "tools" / "make_decoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_decoder", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def decoder(tmp_path):
-    tool = _tool()
-    d = tmp_path / "dec"
-    tool.build(hidden=64, ffn=128, blocks=1, vocab=96, head_dim=16, max_seq=32, rank=4, seed=0, out=d)
-    np.savez(d / "calib.npz", input_ids=tool.tokens(8, 16, 96, 1))
-    return d / "decoder.onnx", d / "calib.npz"
 
 
 @pytest.fixture
@@ -53,7 +33,7 @@ def _tensors(m: onnx.ModelProto) -> dict:
 
 
 def test_lazy_load_keeps_weights_on_disk(decoder, small_lazy):
-    path, _ = decoder
+    path, *_ = decoder
     full = onnx.load(str(path))
     lazy = model_io.load_model(path, lazy=True)
     assert model_io.has_lazy(lazy)
@@ -79,7 +59,7 @@ def test_lazy_load_keeps_weights_on_disk(decoder, small_lazy):
 
 
 def test_small_external_models_are_not_lazy(decoder):
-    path, _ = decoder  # ~150 KB of external data: under the 64 MiB default
+    path, *_ = decoder  # ~150 KB of external data: under the 64 MiB default
     assert not model_io.has_lazy(model_io.load_model(path, lazy=True))
 
 
@@ -89,7 +69,7 @@ def test_small_external_models_are_not_lazy(decoder):
     dict(method="gptq", bits=4, group_size=32, qdq=True, opset=21, verify=True),
 ])
 def test_compress_lazy_equals_in_memory(decoder, small_lazy, tmp_path, cfg):
-    path, calib = decoder
+    path, calib, _ = decoder
     data = path.with_name("decoder.onnx.data")
     digests = (_digest(path), _digest(data))
     ref = compress(onnx.load(str(path)), None, str(calib), CompressConfig(**cfg))  # a ModelProto: in memory
@@ -113,7 +93,7 @@ def test_compress_lazy_equals_in_memory(decoder, small_lazy, tmp_path, cfg):
 
 
 def test_layer_weights_are_mapped_not_copied(decoder):
-    path, _ = decoder
+    path, *_ = decoder
     sources: dict = {}
     model = model_io.load_model(path, sources)
     assert sources
@@ -143,7 +123,7 @@ def test_the_skeleton_elides_weights():
 
 
 def test_low_memory_sessions_compute_the_same(decoder, tmp_path):
-    path, calib = decoder
+    path, calib, _ = decoder
     outs = {}
     for mode in ("off", "on"):
         res = compress(path, None, str(calib), CompressConfig(method="gptq", bits=4, low_memory=mode))
@@ -177,7 +157,7 @@ def test_low_memory_spills_results_and_cleans_up(decoder, tmp_path, monkeypatch)
     """--low-memory on: the solved weights wait on disk (mapped) until written; same model, folder removed."""
     import tempfile
 
-    path, calib = decoder
+    path, calib, _ = decoder
     ref = compress(path, None, str(calib), CompressConfig(method="rtn", bits=4, group_size=32, low_memory="off"))
     tmp = tmp_path / "systmp"
     tmp.mkdir()
