@@ -339,7 +339,7 @@ def test_diagnose_allocation_tool_measures_the_plan_it_reports(tmp_path, capsys)
     spec.loader.exec_module(tool)
     argv = ["x", "--model", str(path), "--calib", str(tmp_path / "c.npz"), "--test", str(tmp_path / "t.npz"),
             "--database", str(db), "--flops", "0.5", "--sparsity", "0.3,0.6,0.9", "--allocation-samples", "16",
-            "--oracle", "8", "--json", str(tmp_path / "d.json")]
+            "--oracle", "8", "--mask-only", "--json", str(tmp_path / "d.json")]
     old, sys.argv = sys.argv, argv
     try:
         assert tool.main() == 0
@@ -355,6 +355,18 @@ def test_diagnose_allocation_tool_measures_the_plan_it_reports(tmp_path, capsys)
         assert got["samples"] == n
         assert got["rel_l2"] == pytest.approx(ev.rel_l2, rel=1e-4) and got["top1"] == pytest.approx(ev.top1)
     assert out["allocation"]["predicted_error"] == pytest.approx(res.allocation["predicted_error"])
+    # the same masks without the reconstruction: the pruned weights' zeros, nothing else changed
+    assert set(out["mask_only"]) == set(out["generalisation"])
+    comp = {t.name: onnx.numpy_helper.to_array(t) for t in res.extra["model"].graph.initializer}
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    for t in masked.graph.initializer:
+        if t.name in {l.source_name for l in find_layers(model)[0]}:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.where(comp[t.name] == 0, 0, w).astype(w.dtype), t.name))
+    ev = evaluate(str(path), masked, str(tmp_path / "t.npz"), latency_runs=0).outputs[0]
+    assert out["mask_only"]["test"]["rel_l2"] == pytest.approx(ev.rel_l2, rel=1e-4)
+    assert out["mask_only"]["test"]["rel_l2"] != pytest.approx(out["generalisation"]["test"]["rel_l2"], rel=1e-3)
     o = out["oracle"]
     assert o["scored_on"] == 8 and o["unseen"]["samples"] == 16
     assert "oracle allocation" in capsys.readouterr().out

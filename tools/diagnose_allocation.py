@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--heldout", help="more data from the calibration distribution (e.g. new crops of its photos)")
     ap.add_argument("--oracle", type=int, default=0, help="also allocate with single-swap errors scored on the "
                                                          "first N test samples (0: off)")
+    ap.add_argument("--mask-only", action="store_true", help="also measure the same masks applied to the dense "
+                                                                "weights without the OBS reconstruction")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
     cand = tuple(float(x) for x in args.sparsity.split(","))
@@ -178,21 +180,25 @@ def main() -> int:
     if args.heldout:
         probes["held-out crops of the calibration photos"] = OutputProbe(model, layers, args.heldout, cfg, 10 ** 9)
     probes["test"] = OutputProbe(model, layers, args.test, cfg, 10 ** 9)
-    gen = {}
+    gen, masked = {}, {}
+    plain = {name: np.where(w == 0, 0, by_name[name].weight).astype(w.dtype) for name, w in swaps.items()}
     for label, p in probes.items():
         ref = np.concatenate([r[0] for r in p.ref])
         gen[label] = compare(ref, logits(p, swaps))
+        if args.mask_only:
+            masked[label] = compare(ref, logits(p, plain))
     print(f"\nmodels run: {time.perf_counter() - t1:.1f} s")
     print(f"\nDP objective (sum of the chosen single-swap errors, {args.allocation_samples} calibration samples): "
           f"{a['predicted_error']:.4f}; measured with all swapped at once on the same samples: "
           f"{gen['calib (swap-scoring samples)']['output_error']:.4f} "
           f"(ratio {gen['calib (swap-scoring samples)']['output_error'] / a['predicted_error']:.2f})")
     print("\n| data | samples | top-1 agree | top-5 agree | output error (sum sq / sum sq) | rel L2 |\n|---|---:|---:|---:|---:|---:|")
-    for label, g in gen.items():
-        print(f"| {label} | {g['samples']} | {g['top1']:.4f} | {g['top5']:.4f} | {g['output_error']:.4f} | "
-              f"{g['rel_l2']:.4f} |")
+    for what, table_ in (("", gen), (" (same masks, no reconstruction)", masked)):
+        for label, g in table_.items():
+            print(f"| {label}{what} | {g['samples']} | {g['top1']:.4f} | {g['top5']:.4f} | {g['output_error']:.4f} | "
+                  f"{g['rel_l2']:.4f} |")
     out = dict(allocation={k: a[k] for k in ("achieved", "predicted_error", "seconds")}, layers=rows, kinds=kinds,
-               generalisation=gen)
+               generalisation=gen, mask_only=masked or None)
 
     if args.oracle:
         t2 = time.perf_counter()
