@@ -339,7 +339,7 @@ def test_diagnose_allocation_tool_measures_the_plan_it_reports(tmp_path, capsys)
     spec.loader.exec_module(tool)
     argv = ["x", "--model", str(path), "--calib", str(tmp_path / "c.npz"), "--test", str(tmp_path / "t.npz"),
             "--database", str(db), "--flops", "0.5", "--sparsity", "0.3,0.6,0.9", "--allocation-samples", "16",
-            "--oracle", "8", "--mask-only", "--json", str(tmp_path / "d.json")]
+            "--oracle", "8", "--mask-only", "--variants-from", str(db), "--json", str(tmp_path / "d.json")]
     old, sys.argv = sys.argv, argv
     try:
         assert tool.main() == 0
@@ -367,6 +367,7 @@ def test_diagnose_allocation_tool_measures_the_plan_it_reports(tmp_path, capsys)
     ev = evaluate(str(path), masked, str(tmp_path / "t.npz"), latency_runs=0).outputs[0]
     assert out["mask_only"]["test"]["rel_l2"] == pytest.approx(ev.rel_l2, rel=1e-4)
     assert out["mask_only"]["test"]["rel_l2"] != pytest.approx(out["generalisation"]["test"]["rel_l2"], rel=1e-3)
+    assert out["variants_from"] == out["generalisation"]  # its own database again: the same variants
     o = out["oracle"]
     assert o["scored_on"] == 8 and o["unseen"]["samples"] == 16
     assert "oracle allocation" in capsys.readouterr().out

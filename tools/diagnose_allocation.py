@@ -118,6 +118,8 @@ def main() -> int:
                                                          "first N test samples (0: off)")
     ap.add_argument("--mask-only", action="store_true", help="also measure the same masks applied to the dense "
                                                                 "weights without the OBS reconstruction")
+    ap.add_argument("--variants-from", help="another database of the same model and ladder (e.g. built from fewer "
+                                            "calibration samples): also measure THIS plan with ITS variants")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
     cand = tuple(float(x) for x in args.sparsity.split(","))
@@ -193,12 +195,22 @@ def main() -> int:
           f"{gen['calib (swap-scoring samples)']['output_error']:.4f} "
           f"(ratio {gen['calib (swap-scoring samples)']['output_error'] / a['predicted_error']:.2f})")
     print("\n| data | samples | top-1 agree | top-5 agree | output error (sum sq / sum sq) | rel L2 |\n|---|---:|---:|---:|---:|---:|")
-    for what, table_ in (("", gen), (" (same masks, no reconstruction)", masked)):
+    other = {}
+    if args.variants_from:
+        odb = Database(args.variants_from)
+        otable = variant_table(odb.index, layers)
+        oswaps = {name: by_name[name].layout.from_matrices(
+            odb.get(otable[name][chosen[name]]).mats.astype(by_name[name].weight.dtype), by_name[name].weight.shape)
+            for name in swaps}
+        for label, p in probes.items():
+            other[label] = compare(np.concatenate([r[0] for r in p.ref]), logits(p, oswaps))
+    for what, table_ in (("", gen), (" (same masks, no reconstruction)", masked),
+                         (f" (this plan, the variants of {args.variants_from})", other)):
         for label, g in table_.items():
             print(f"| {label}{what} | {g['samples']} | {g['top1']:.4f} | {g['top5']:.4f} | {g['output_error']:.4f} | "
                   f"{g['rel_l2']:.4f} |")
     out = dict(allocation={k: a[k] for k in ("achieved", "predicted_error", "seconds")}, layers=rows, kinds=kinds,
-               generalisation=gen, mask_only=masked or None)
+               generalisation=gen, mask_only=masked or None, variants_from=other or None)
 
     if args.oracle:
         t2 = time.perf_counter()
