@@ -305,7 +305,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
         missing = [l for l in layers if not all(db.has(key(l, s)) for s in offered[l.name])]
         samples = None
         macs: dict[str, int] = {}
-        t_cal = 0.0
+        t_cal = t_solve = t_out = 0.0
         memory = None
         if missing:
             from .stages import MB, plan_stages
@@ -317,6 +317,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                                else int(config.stage_memory * MB))
             todo = {l.name: [s for s in offered[l.name] if not db.has(key(l, s))] for l in missing}
             by_name = {l.name: l for l in missing}
+            ts = time.perf_counter()
             with executor_for(config) as ex:  # local: one layer after the other; ray: tasks, as they finish
                 for k, stage in enumerate(plan.stages):
                     tc = time.perf_counter()
@@ -338,8 +339,10 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             db.index = {k: v for k, v in db.index.items() if k not in new} | {k: db.index[k] for k in order}
             db.save()
             memory = plan.summary()
+            t_solve = time.perf_counter() - ts - t_cal  # the stages' solves (and writing the variants)
 
         if config.allocation_error == "output":
+            to = time.perf_counter()
             probe = None
             for l in progress(layers, "output errors", len(layers)):
                 for s in offered[l.name]:
@@ -349,6 +352,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                         w = l.layout.from_matrices(db.get(key(l, s)).mats.astype(l.weight.dtype), l.weight.shape)
                         e.setdefault("output_error", {})[str(config.allocation_samples)] = probe.error(l, w)
             db.save()
+            t_out = time.perf_counter() - to
         variants: dict[str, list[Variant]] = {}
         for l in layers:
             vs = [Variant(None, "", 0.0)]
@@ -387,12 +391,14 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             if v.spec is not None:
                 results[l.name] = (db.get(v.key), 0.0)
         spent = sum(costs[i][p] for i, p in enumerate(picks))
+        picked_errors = {l.name: errors[i][p] for i, (l, p) in enumerate(zip(layers, picks))}
         report = dict(target=target, fraction=fraction, error=config.allocation_error, search=search, budget=budget, dense_total=dense_total, cost=spent,
                       achieved=spent / dense_total if dense_total else 0.0,
                       candidates={l.name: len(variants[l.name]) for l in layers},
                       database=None if db.tmp else str(db.dir), variants_reused=sum(len(v) - 1 for v in variants.values()) - db.misses, variants_solved=db.misses,
-                      seconds=dict(calibration=t_cal, total=time.perf_counter() - t0), samples=samples,
-                      memory=memory)
+                      errors=picked_errors, predicted_error=sum(picked_errors.values()),
+                      seconds=dict(calibration=t_cal, solve=t_solve, output_errors=t_out,
+                                   total=time.perf_counter() - t0), samples=samples, memory=memory)
         return chosen, results, macs, report
     finally:
         db.close()

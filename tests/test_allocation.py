@@ -292,3 +292,82 @@ def test_ladder_for_thins_only_expensive_layers():
     thin = ladder_for(classifier)
     assert len(thin) == 22 and thin[0] == LADDER[0] and set(thin) < set(LADDER)
     assert thin[-1] > 0.98
+
+
+def test_report_carries_the_chosen_errors_and_the_stage_seconds(tmp_path):
+    model = graphs.mixed_cnn()
+    feeds = [calib(model, 16)]
+    cfg = dict(target_flops=0.5, cand_sparsity=(0.3, 0.6, 0.9), allocation_error="output", database=str(tmp_path))
+    res = compress(model, None, feeds, CompressConfig(**cfg))
+    a = res.allocation
+    index = json.loads((tmp_path / "index.json").read_text())
+    layers, _ = find_layers(model)
+    assert set(a["errors"]) == {l.name for l in layers}
+    for rule in res.plan:  # each layer's error is its chosen variant's output error (0 when left dense)
+        name = rule["match"][1:-1].replace("\\", "")
+        want = 0.0 if rule.get("skip") else next(e["output_error"]["32"] for e in index.values() if e["layer"] == name
+                                                 and e["applied"]["sparsity"] == rule["sparsity"])
+        assert a["errors"][name] == pytest.approx(want)
+    assert a["predicted_error"] == pytest.approx(sum(a["errors"].values())) and a["predicted_error"] > 0
+    assert a["seconds"]["solve"] > 0 and a["seconds"]["output_errors"] > 0
+    again = compress(model, None, feeds, CompressConfig(**cfg)).allocation
+    assert again["seconds"]["solve"] == 0.0 and again["seconds"]["calibration"] == 0.0
+    assert again["errors"] == a["errors"]
+
+
+def test_diagnose_allocation_tool_measures_the_plan_it_reports(tmp_path, capsys):
+    """tools/diagnose_allocation.py: its plan is the library's, and its combined output error of the allocated
+    model is what ONNX Runtime gives for the written model (an independent run of the compressed graph)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from onnxobc.evaluate import evaluate
+
+    model = graphs.mixed_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "c.npz", **calib(model, 40))
+    np.savez(tmp_path / "t.npz", **graphs.make_feed(model, 24, seed=5))
+    db = tmp_path / "db"
+    cfg = CompressConfig(target_flops=0.5, cand_sparsity=(0.3, 0.6, 0.9), allocation_error="output",
+                         database=str(db), allocation_samples=16, stats_correction="none", method="exact")
+    res = compress(str(path), None, str(tmp_path / "c.npz"), cfg)
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("diagnose_allocation", root / "tools" / "diagnose_allocation.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["x", "--model", str(path), "--calib", str(tmp_path / "c.npz"), "--test", str(tmp_path / "t.npz"),
+            "--database", str(db), "--flops", "0.5", "--sparsity", "0.3,0.6,0.9", "--allocation-samples", "16",
+            "--oracle", "8", "--mask-only", "--variants-from", str(db), "--json", str(tmp_path / "d.json")]
+    old, sys.argv = sys.argv, argv
+    try:
+        assert tool.main() == 0
+    finally:
+        sys.argv = old
+    out = json.loads((tmp_path / "d.json").read_text())
+    plan = {r["match"][1:-1].replace("\\", ""): (0.0 if r.get("skip") else r["sparsity"]) for r in res.plan}
+    assert {r["layer"]: r["sparsity"] for r in out["layers"]} == plan
+    assert sum(k["mac_share"] for k in out["kinds"].values()) == pytest.approx(1.0)
+    for label, data, n in (("calib (swap-scoring samples)", "c.npz", 16), ("test", "t.npz", 24)):
+        ev = evaluate(str(path), res.extra["model"], str(tmp_path / data), max_samples=n, latency_runs=0).outputs[0]
+        got = out["generalisation"][label]
+        assert got["samples"] == n
+        assert got["rel_l2"] == pytest.approx(ev.rel_l2, rel=1e-4) and got["top1"] == pytest.approx(ev.top1)
+    assert out["allocation"]["predicted_error"] == pytest.approx(res.allocation["predicted_error"])
+    # the same masks without the reconstruction: the pruned weights' zeros, nothing else changed
+    assert set(out["mask_only"]) == set(out["generalisation"])
+    comp = {t.name: onnx.numpy_helper.to_array(t) for t in res.extra["model"].graph.initializer}
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    for t in masked.graph.initializer:
+        if t.name in {l.source_name for l in find_layers(model)[0]}:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.where(comp[t.name] == 0, 0, w).astype(w.dtype), t.name))
+    ev = evaluate(str(path), masked, str(tmp_path / "t.npz"), latency_runs=0).outputs[0]
+    assert out["mask_only"]["test"]["rel_l2"] == pytest.approx(ev.rel_l2, rel=1e-4)
+    assert out["mask_only"]["test"]["rel_l2"] != pytest.approx(out["generalisation"]["test"]["rel_l2"], rel=1e-3)
+    assert out["variants_from"] == out["generalisation"]  # its own database again: the same variants
+    o = out["oracle"]
+    assert o["scored_on"] == 8 and o["unseen"]["samples"] == 16
+    assert "oracle allocation" in capsys.readouterr().out

@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform rows")
     ap.add_argument("--method", default="exact", help="solver method of every variant (default exact, as the "
                                                       "tables in docs/RESULTS.md were measured; auto is the CLI's)")
+    ap.add_argument("--allocation-samples", type=int, default=None,
+                    help="calibration samples that score the output errors (default: the library's, 32)")
     ap.add_argument("--json", help="write the raw rows here")
     args = ap.parse_args()
     db = args.database or tempfile.mkdtemp(prefix="bench-alloc-")
@@ -63,8 +65,9 @@ def main() -> int:
     def run(label: str, cfg: dict) -> None:
         for corr in corrections:
             t = time.perf_counter()
+            extra = {} if args.allocation_samples is None else dict(allocation_samples=args.allocation_samples)
             res = compress(args.model, None, args.calib, CompressConfig(samples=args.samples, stats_correction=corr,
-                                                                         method=args.method, **cfg))
+                                                                         method=args.method, **extra, **cfg))
             secs = time.perf_counter() - t
             ev = evaluate(args.model, res.extra["model"], args.test, labels=args.labels,
                           max_samples=args.test_samples, latency_runs=0)
@@ -72,9 +75,12 @@ def main() -> int:
             a = res.allocation or {}
             rows.append(dict(config=label, correction=corr, achieved=a.get("achieved"), top1=o.top1, top5=o.top5,
                              rel_l2=o.rel_l2, acc=o.acc_cand, acc_ref=o.acc_ref, seconds=secs,
-                             solved=a.get("variants_solved"), reused=a.get("variants_reused")))
-            print(f"{label:40s} {corr:7s} top1 {o.top1} rel_l2 {o.rel_l2:.4f} acc {o.acc_cand} {secs:.1f}s",
-                  file=sys.stderr)
+                             solved=a.get("variants_solved"), reused=a.get("variants_reused"),
+                             alloc_seconds=a.get("seconds"), predicted_error=a.get("predicted_error"),
+                             plan=res.plan))
+            alloc = " ".join(f"{k} {v:.1f}s" for k, v in (a.get("seconds") or {}).items())
+            print(f"{label:40s} {corr:7s} top1 {o.top1} rel_l2 {o.rel_l2:.4f} acc {o.acc_cand} {secs:.1f}s"
+                  + (f" (allocation: {alloc})" if alloc else ""), file=sys.stderr)
 
     for f in _floats(args.flops):
         for err in args.errors.split(","):
