@@ -177,6 +177,13 @@ def main() -> None:
         except ImportError as e:
             print(f"{cfg:16s} skipped ({e})")
             continue
+        except Exception as e:  # noqa: BLE001 -- ORT's or NNCF's own failure on this model is a result
+            if _onnxobc_flags(cfg) is not None:
+                raise
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+            print(f"{cfg:16s} failed ({msg})", flush=True)
+            results[cfg] = {"error": msg}
+            continue
         secs = time.perf_counter() - t
         res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0,
                        batch_size=args.batch_size, batch_axes=axes or None, slices=args.slice or None)
