@@ -86,7 +86,8 @@ def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), _reader(calib, name, batch, axes), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre), str(out), _reader(calib, name, batch, axes), quant_format=QuantFormat.QDQ,
+                    per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[method],
