@@ -2,17 +2,17 @@
 quantized weights) cause in each layer's output, inside the network.
 
 Rounding and clipping an activation to a per-tensor 8-bit grid is not zero-mean: a clipped tail, a skewed
-distribution near zero, or a ReLU output whose small values round to the zero point all move the mean of
-``W x_q`` away from ``W x``, per output channel, and the next layers amplify the shift. The correction (the
-"empirical bias correction" of Nagel et al., 2019) measures, for every Conv / Gemm / MatMul whose input is a
-quantized activation or whose weight is quantized, the mean over the calibration samples of its output in the
-W8A8 model minus its output in the dense model, per output channel, and subtracts it from the layer's bias. A
-layer that keeps a float input (a small-fan-in stem Conv, a tensor the range search kept float) is corrected
-too: its rounded weights shift the mean wherever the input has one (openWakeWord's first Conv has zero-sum 3x3
-filters on mel frames of mean 9: 8-bit rounding leaks 9 * sum(dW) into every output). Layers are corrected in
-topological order, each measured on the model whose earlier layers are already corrected (layers that do not feed each other
-are measured in one ONNX Runtime run: measuring a layer before an upstream correction would correct the same
-shift twice; on PP-OCR's classifier, 4 dependent layers at a time gave output rel L2 0.19 instead of 0.076).
+distribution near zero, or a ReLU output whose small values round to the zero point all move the mean of ``W x_q``
+away from ``W x``, per output channel, and the next layers amplify the shift. The correction (the "empirical bias
+correction" of Nagel et al., 2019) measures, for every Conv / Gemm / MatMul whose input is a quantized activation
+or whose weight is quantized, the mean over the calibration samples of its output in the W8A8 model minus its
+output in the dense model, per output channel, and subtracts it from the layer's bias. A layer that keeps a float
+input (a small-fan-in stem Conv, a tensor the range search kept float) is corrected too: its rounded weights shift
+the mean wherever the input has one (openWakeWord's first Conv has zero-sum 3x3 filters on mel frames of mean 9:
+8-bit rounding leaks 9 * sum(dW) into every output). Layers are corrected in topological order, each measured on
+the model whose earlier layers are already corrected (layers that do not feed each other are measured in one ONNX
+Runtime run: measuring a layer before an upstream correction would correct the same shift twice; on PP-OCR's
+classifier, 4 dependent layers at a time gave output rel L2 0.19 instead of 0.076).
 
 The bias is changed where the integer kernel reads it: an int32 bias behind a DequantizeLinear gets new codes on
 its own grid (x_scale * w_scale, a step far below the shift), a float bias is changed in place, a Conv / Gemm
