@@ -11,8 +11,9 @@ sensitive head needs its full range; the error that matters is the model's. So, 
 3. with every site quantized, the most costly sites are kept in float, one at a time, while the model's output
    error exceeds twice the error of its 8-bit weights alone (the target of issue 15), for at most a tenth of the
    sites (2 in a model of 8 to 19 sites, :func:`float_limit`); a site that alone costs more than that target
-   goes even when the error does not drop yet (another such site hides it). Each one is reported, with what it
-   cost.
+   goes even when the error does not drop yet (another such site hides it; if its partner cannot follow within
+   the budget, the search goes back to the last point where the error dropped). Each one is reported, with what
+   it cost.
 
 "Output error" is the mean over the model's outputs of rel L2 to the dense model, taken on the logits where an
 output is a Softmax or Sigmoid (see ``scored_tensors``).
@@ -215,6 +216,7 @@ def search_activation_ranges(
     target = TARGET_FACTOR * w_err
     limit = float_limit(len(sites))
     tries = 0
+    best = (list(chosen), err, 0)  # the fewest float tensors at the lowest error so far
     for s in sorted(sites, key=lambda s: -single[s.tensor]):
         if err <= target or len(kept) >= limit or tries >= 2 * limit:
             break
@@ -227,6 +229,10 @@ def search_activation_ranges(
         # such tensor hides it, and neither can be removed first on its own)
         chosen, err = trial, e
         kept.append({"tensor": s.tensor, "error_alone": single[s.tensor], "error_after": e})
+        if err < best[1]:
+            best = (list(chosen), err, len(kept))
+    if len(kept) > best[2] and err >= best[1]:  # a hidden tensor went float, its partner could not follow: undo
+        chosen, err, kept = best[0], best[1], kept[:best[2]]
     names = {c.tensor for c in chosen}
     chosen = [c if c.pad_of is None or c.pad_of in names else replace(c, pad_of=None) for c in chosen]
     report = SearchReport(w_err, before, tuned_err, err, tuned, kept, score.runs,
