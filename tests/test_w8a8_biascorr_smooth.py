@@ -88,6 +88,47 @@ def test_bias_correction_groups_only_independent_layers():
     assert [[n.name for n in g] for g in _independent_groups(model, sites, 1)] == [["conv1"], ["conv2"], ["conv3"]]
 
 
+def dc_stem():
+    """Conv(1->8, 3x3, zero-sum filters: a high-pass front end) -> Relu -> Conv(8->6, 3x3) -> Tanh, on inputs with a large
+    mean (openWakeWord's mel frames: mean 9, std 1). The stem's fan-in of 9 keeps its input float in W8A8, but
+    its rounded weights no longer sum to zero and leak 9 * sum(dW) into every output."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((8, 1, 3, 3)) * 0.5
+    w1 -= w1.mean(axis=(1, 2, 3), keepdims=True)
+    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"),
+             numpy_helper.from_array(np.full(8, 0.1, np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((6, 8, 3, 3)) * 0.3).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["X", "w1", "b1"], ["c1"], name="stem", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3]),
+             helper.make_node("Tanh", ["c2"], ["Y"], name="tanh")]
+    g = helper.make_graph(nodes, "dc", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, 12, 12])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 6, 8, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+
+
+def test_bias_correction_also_corrects_a_layer_with_a_float_input():
+    model = dc_stem()
+    x = lambda n, seed: (9.0 + np.random.default_rng(seed).standard_normal((n, 1, 12, 12))).astype(np.float32)
+    calib, test = [{"X": x(32, 0)}], x(64, 1)
+    kw = dict(bits=8, method="rtn", act_bits=8, layer_error=False)
+    plain = compress(model, None, calib, CompressConfig(**kw)).extra["model"]
+    res = compress(model, None, calib, CompressConfig(**kw, act_bias_correction=True))
+    fixed = res.extra["model"]
+    prod = {o: n for n in plain.graph.node for o in n.output}
+    stem = next(n for n in plain.graph.node if n.name == "stem")
+    assert prod[stem.input[1]].op_type == "DequantizeLinear" and stem.input[0] == "X"  # int8 weight, float input
+    sites, _ = correction_sites(plain, {"c1", "c2"})
+    assert [n.name for n in sites] == ["stem", "conv2"]
+    notes = [a["note"] for a in res.activations if "note" in a]
+    assert any("2 layers corrected" in n for n in notes), notes
+    ref = _run(model, {"X": test}, opt=True)[0]
+    err = lambda m: float(np.linalg.norm(_run(m, {"X": test}, opt=True)[0] - ref) / np.linalg.norm(ref))
+    before, after = _shift(model, plain, test)[0], _shift(model, fixed, test)[0]
+    assert after < before / 3, (before, after)
+    assert err(fixed) < 0.7 * err(plain), (err(plain), err(fixed))
+
+
 def test_bias_correction_on_a_float_model_changes_nothing():
     model = conv_chain()
     m = copy.deepcopy(model)

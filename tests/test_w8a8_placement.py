@@ -142,6 +142,61 @@ def test_search_keeps_the_costly_tensor_float_and_reports_it():
     assert [a["tensor"] for a in res.activations if "tensor" in a] == ["X"]
 
 
+def test_float_limit_allows_two_tensors_in_a_small_model():
+    from onnxobc.calibrate.actsearch import float_limit
+
+    assert [float_limit(n) for n in (1, 3, 7, 8, 19, 20, 30, 156)] == [1, 1, 1, 2, 2, 2, 3, 15]
+
+
+def outlier_chain(n=8, outliers=(2, 5)):
+    """X [N, 16] -> 8 MatMuls (t0..t7): t2 and t5 each have a channel a thousand times the others that the next
+    MatMul ignores: one per-tensor grid rounds the small channels to zero. Each alone destroys the output, so
+    neither lowers the error when kept float first on its own: both must go (two of the 8 sites)."""
+    rng = np.random.default_rng(4)
+    nodes, inits, x = [], [], "X"
+    for i in range(n):
+        w = rng.standard_normal((16, 16)).astype(np.float32) * 0.25
+        if i in outliers:
+            w[:, 0] = 1e3 * np.abs(w[:, 0]).max()
+        if i - 1 in outliers:
+            w[0] = 0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"t{i}"], name=f"mm{i}"))
+        x = f"t{i}"
+    nodes[-1].output[0] = "Y"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 16])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
+
+
+def test_search_keeps_two_tensors_float_in_a_model_of_eight_sites():
+    model = outlier_chain()
+    calib = [graphs.make_feed(model, 32, seed=s) for s in range(2)]
+    feed = {"X": np.concatenate([c["X"] for c in calib])}
+    ref = _run(model, feed)[0]
+
+    def err(m):
+        return float(np.linalg.norm(_run(m, feed)[0] - ref) / np.linalg.norm(ref))
+
+    w8 = err(compress(model, None, calib, CompressConfig(bits=8, method="rtn")).extra["model"])
+    res = compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
+    notes = [a["note"] for a in res.activations if "note" in a]
+    assert sorted(n.split(":")[0] for n in notes if ": kept float" in n) == ["t2", "t5"], notes
+    assert err(res.extra["model"]) < 2.5 * w8, (w8, err(res.extra["model"]))
+
+
+def test_search_undoes_a_hidden_tensor_whose_partner_cannot_follow():
+    # 4 sites: a float budget of one; t1 and t2 each destroy the output, so keeping one float gains nothing
+    model = outlier_chain(4, (1, 2))
+    calib = [graphs.make_feed(model, 32, seed=s) for s in range(2)]
+    res = compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
+    notes = [a["note"] for a in res.activations if "note" in a]
+    assert not [n for n in notes if ": kept float" in n], notes
+    assert any("with 0 tensors kept float" in n for n in notes), notes
+    q_inputs = {n.input[0] for n in res.extra["model"].graph.node if n.op_type == "QuantizeLinear"}
+    assert {"t1", "t2"} <= q_inputs
+
+
 def test_search_scores_logits_behind_softmax_and_needs_rereadable_data():
     from onnxobc.calibrate.actsearch import scored_tensors
 

@@ -7,6 +7,14 @@
 (more configs: a8_minmax_bc, a8_search_bc (``--act-bias-correction``), a8_smooth, a8_smooth_bc, a8_smooth_search
 (``--smooth-alpha 0.5``), nncf_transformer (NNCF with ``model_type=TRANSFORMER``, its SmoothQuant on),
 ort_minmax_layers (ORT with ``op_types_to_quantize`` MatMul / Gemm / Conv, the layers onnxobc quantizes)).
+An onnxobc config name may end in ``_auto`` (``--method auto`` instead of ``rtn``) and / or ``_noise``
+(``--act-noise``; it changes nothing with ``rtn``, which reads no Hessian), e.g. ``a8_search_bc_auto_noise``.
+
+``--batch-axis NAME=AXIS`` (repeatable, as for ``onnxobc compress``) is passed to onnxobc and used by the ORT and NNCF
+readers too: each input is cut along its own batch axis, ``NAME=none`` passes it whole with every batch (a recurrent
+state). ``--batch-size`` is the batch of onnxobc's calibration, of the evaluation and of ORT's reader (1 for a model
+whose batch is fixed at 1); NNCF reads one sample per item. ``--slice NAME:AXIS:START:STOP`` adds rows for parts of
+an output (``onnxobc eval --slice``); every output and slice is kept in results.json.
 
 Every candidate is compared with the input model by ``onnxobc.evaluate`` on the test split (rel L2 of the first
 output, top-1 agreement and accuracy where it applies). ORT and NNCF get the model converted to ``--opset`` (ORT's
@@ -45,15 +53,25 @@ def _arrays(calib: str, names: list[str]) -> dict:
     return {n: data[n] for n in names if n in data.files}
 
 
-def _reader(calib: str, names: list[str], batch: int):
+def _feeds(calib: str, names: list[str], batch: int, axes: dict | None = None) -> list[dict]:
+    """The calibration arrays cut into feeds of ``batch`` samples, each input along its batch axis (``axes``:
+    {name: axis or None}, default 0; None: the input goes whole into every feed)."""
+    axes = axes or {}
+    xs = _arrays(calib, names)
+    cut = {k: axes.get(k, 0) for k in xs}
+    n = next(v.shape[a] for k, v in xs.items() if (a := cut[k]) is not None)
+    return [{k: v if cut[k] is None else np.take(v, np.arange(i, min(i + batch, n)), axis=cut[k])
+             for k, v in xs.items()} for i in range(0, n, batch)]
+
+
+def _reader(calib: str, names: list[str], batch: int, axes: dict | None = None):
     from onnxruntime.quantization import CalibrationDataReader
 
-    xs = _arrays(calib, names)
-    n = len(next(iter(xs.values())))
+    feeds = _feeds(calib, names, batch, axes)
 
     class R(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{k: v[i:i + batch] for k, v in xs.items()} for i in range(0, n, batch)])
+            self.it = iter(feeds)
 
         def get_next(self):
             return next(self.it, None)
@@ -61,13 +79,15 @@ def _reader(calib: str, names: list[str], batch: int):
     return R()
 
 
-def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_only: bool = False) -> None:
+def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_only: bool = False,
+         batch: int = 16, axes: dict | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), _reader(calib, name, 16), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre), str(out), _reader(calib, name, batch, axes), quant_format=QuantFormat.QDQ,
+                    per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[method],
@@ -76,15 +96,30 @@ def _ort(src: Path, calib: str, out: Path, method: str, name: list[str], layers_
                     **({"op_types_to_quantize": ["MatMul", "Gemm", "Conv"]} if layers_only else {}))
 
 
-def _nncf(src: Path, calib: str, out: Path, name: list[str], transformer: bool = False) -> None:
+def _nncf(src: Path, calib: str, out: Path, name: list[str], transformer: bool = False,
+          axes: dict | None = None) -> None:
     import nncf
 
-    xs = _arrays(calib, name)
-    n = len(next(iter(xs.values())))
+    feeds = _feeds(calib, name, 1, axes)
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
-    q = nncf.quantize(onnx.load(str(src)), nncf.Dataset([{k: v[i:i + 1] for k, v in xs.items()} for i in range(n)]),
-                      subset_size=n, **kw)
+    q = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=len(feeds), **kw)
     onnx.save(q, str(out))
+
+
+def _onnxobc_flags(cfg: str) -> list[str] | None:
+    """The compress flags of an onnxobc config: a name of ONNXOBC, optionally ending in _auto and / or _noise."""
+    base, auto, noise = cfg, False, False
+    while base not in ONNXOBC:
+        if base.endswith("_noise"):
+            base, noise = base.removesuffix("_noise"), True
+        elif base.endswith("_auto"):
+            base, auto = base.removesuffix("_auto"), True
+        else:
+            return None
+    flags = list(ONNXOBC[base])
+    if auto:
+        flags[flags.index("rtn")] = "auto"
+    return flags + (["--act-noise"] if noise else [])
 
 
 def main() -> None:
@@ -102,10 +137,16 @@ def main() -> None:
     ap.add_argument("--out", default=".cache/bench_w8a8")
     ap.add_argument("--opset", type=int, default=13)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS")
+    ap.add_argument("--slice", action="append", default=[], metavar="NAME:AXIS:START:STOP")
     args = ap.parse_args()
 
+    from onnxobc.calibrate.data import parse_batch_axes
     from onnxobc.cli import main as cli
     from onnxobc.evaluate import evaluate
+
+    axes = parse_batch_axes(args.batch_axis)
+    ba = [x for a in args.batch_axis for x in ("--batch-axis", a)]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,29 +162,39 @@ def main() -> None:
         cand = out / f"{model.stem}.{cfg}.onnx"
         t = time.perf_counter()
         try:
-            if cfg in ONNXOBC:
+            if _onnxobc_flags(cfg) is not None:
                 rc = cli(["compress", str(model), "--calib", args.calib, "--opset", str(args.opset), "-o", str(cand),
-                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ONNXOBC[cfg]
-                         + ([] if args.samples is None else ["--samples", str(args.samples)]))
+                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ba
+                         + _onnxobc_flags(cfg) + ([] if args.samples is None else ["--samples", str(args.samples)]))
                 if rc:
                     raise RuntimeError(f"onnxobc exit {rc}")
             elif cfg.startswith("ort_"):
                 _ort(converted, args.calib, cand, cfg[4:].removesuffix("_layers"), inputs,
-                     layers_only=cfg.endswith("_layers"))
+                     layers_only=cfg.endswith("_layers"), batch=args.batch_size, axes=axes)
             elif cfg in ("nncf", "nncf_transformer"):
-                _nncf(converted, args.calib, cand, inputs, transformer=cfg == "nncf_transformer")
+                _nncf(converted, args.calib, cand, inputs, transformer=cfg == "nncf_transformer", axes=axes)
             else:
                 raise ValueError(f"unknown config {cfg}")
         except ImportError as e:
             print(f"{cfg:16s} skipped ({e})")
             continue
+        except Exception as e:  # noqa: BLE001 -- ORT's or NNCF's own failure on this model is a result
+            if _onnxobc_flags(cfg) is not None:
+                raise
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+            print(f"{cfg:16s} failed ({msg})", flush=True)
+            results[cfg] = {"error": msg}
+            continue
         secs = time.perf_counter() - t
-        res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0)
+        res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0,
+                       batch_size=args.batch_size, batch_axes=axes or None, slices=args.slice or None)
         o = res.outputs[0]
         results[cfg] = {"rel_l2": o.rel_l2, "top1": o.top1, "acc_ref": o.acc_ref, "acc_cand": o.acc_cand,
-                        "cosine": o.cosine, "seconds": secs, "samples": res.samples}
+                        "cosine": o.cosine, "seconds": secs, "samples": res.samples,
+                        "outputs": {x.name: x.rel_l2 for x in res.outputs}}
         extra = "" if o.top1 is None else f"  top-1 agreement {o.top1:.4f}  acc {o.acc_cand}"
         extra += "" if o.cosine is None else f"  cosine {o.cosine:.5f}"
+        extra += "".join(f"  {x.name} {x.rel_l2:.4f}" for x in res.outputs[1:])
         print(f"{cfg:16s} rel L2 {o.rel_l2:.4f}{extra}  ({secs:.1f} s)", flush=True)
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}

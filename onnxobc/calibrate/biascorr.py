@@ -2,14 +2,17 @@
 quantized weights) cause in each layer's output, inside the network.
 
 Rounding and clipping an activation to a per-tensor 8-bit grid is not zero-mean: a clipped tail, a skewed
-distribution near zero, or a ReLU output whose small values round to the zero point all move the mean of
-``W x_q`` away from ``W x``, per output channel, and the next layers amplify the shift. The correction (the
-"empirical bias correction" of Nagel et al., 2019) measures, for every Conv / Gemm / MatMul whose input is a
-quantized activation, the mean over the calibration samples of its output in the W8A8 model minus its output in
-the dense model, per output channel, and subtracts it from the layer's bias. Layers are corrected in topological
-order, each measured on the model whose earlier layers are already corrected (layers that do not feed each other
-are measured in one ONNX Runtime run: measuring a layer before an upstream correction would correct the same
-shift twice; on PP-OCR's classifier, 4 dependent layers at a time gave output rel L2 0.19 instead of 0.076).
+distribution near zero, or a ReLU output whose small values round to the zero point all move the mean of ``W x_q``
+away from ``W x``, per output channel, and the next layers amplify the shift. The correction (the "empirical bias
+correction" of Nagel et al., 2019) measures, for every Conv / Gemm / MatMul whose input is a quantized activation
+or whose weight is quantized, the mean over the calibration samples of its output in the W8A8 model minus its
+output in the dense model, per output channel, and subtracts it from the layer's bias. A layer that keeps a float
+input (a small-fan-in stem Conv, a tensor the range search kept float) is corrected too: its rounded weights shift
+the mean wherever the input has one (openWakeWord's first Conv has zero-sum 3x3 filters on mel frames of mean 9:
+8-bit rounding leaks 9 * sum(dW) into every output). Layers are corrected in topological order, each measured on
+the model whose earlier layers are already corrected (layers that do not feed each other are measured in one ONNX
+Runtime run: measuring a layer before an upstream correction would correct the same shift twice; on PP-OCR's
+classifier, 4 dependent layers at a time gave output rel L2 0.19 instead of 0.076).
 
 The bias is changed where the integer kernel reads it: an int32 bias behind a DequantizeLinear gets new codes on
 its own grid (x_scale * w_scale, a step far below the shift), a float bias is changed in place, a Conv / Gemm
@@ -49,11 +52,12 @@ def correction_sites(model: onnx.ModelProto, dense_tensors: set[str]) -> tuple[l
     for n in model.graph.node:
         if n.op_type not in LAYER_OPS or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
             continue
-        if not _dequantized_input(prod, n.input[0]):
-            continue
         w = n.input[1]
-        if w not in inits and not (w in prod and prod[w].op_type == "DequantizeLinear"):
+        w_dq = w in prod and prod[w].op_type == "DequantizeLinear"
+        if w not in inits and not w_dq:
             continue  # activation x activation MatMul: no bias of its own
+        if not _dequantized_input(prod, n.input[0]) and not w_dq:
+            continue  # nothing quantized: float input and float weight
         if n.output[0] not in dense_tensors:
             notes.append(f"{n.name or n.output[0]}: output {n.output[0]} has no dense counterpart, not corrected")
             continue
