@@ -115,7 +115,10 @@ class OutputProbe:
     """The change of the model's outputs when ONE layer is swapped to a variant (every other layer dense): the
     error the reference implementation allocates with (sec. 5.2), here without labels: sum over the outputs of
     ||y' - y||^2 / ||y||^2 on a few calibration batches. One ONNX Runtime session serves every swap: each
-    layer's weight becomes a graph input, fed dense or swapped."""
+    layer's weight becomes a graph input, fed dense or swapped. With a token mask (``config.token_mask``, e.g.
+    MiniLM's ``attention_mask``), outputs shaped [batch, sequence, ...] count only the real tokens: padded
+    positions are left out of calibration, so their outputs drift under compression and would otherwise
+    dominate the error (MiniLM, uniform 4-bit GPTQ: rel L2 0.95 over every position, 0.25 over real tokens)."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], calib: Any, config, samples: int):
         import copy
@@ -139,6 +142,8 @@ class OutputProbe:
         self.sess = inference_session(m, so)
         self.feeds = list(iter_batches(calib, input_specs(model, dict(config.batch_axes or ())),
                                         batch_size=config.batch_size, max_samples=samples))
+        self.token_mask = probe_mask(model, config)
+        self.masks = [None if self.token_mask is None else np.asarray(f[self.token_mask]) != 0 for f in self.feeds]
         self.ref = [self.sess.run(None, {**f, **self.dense}) for f in self.feeds]
 
     def error(self, layer: Layer, weight: np.ndarray) -> float:
@@ -150,13 +155,29 @@ class OutputProbe:
         for name, (layer, weight) in swaps.items():
             swap[self.names[name]] = np.ascontiguousarray(weight.astype(layer.weight.dtype))
         num = den = 0.0
-        for f, ref in zip(self.feeds, self.ref):
+        for f, ref, mask in zip(self.feeds, self.ref, self.masks):
             for y, r in zip(self.sess.run(None, {**f, **swap}), ref):
                 if np.issubdtype(np.asarray(r).dtype, np.floating):
+                    y, r = np.asarray(y), np.asarray(r)
+                    if mask is not None and r.ndim >= 2 and r.shape[:2] == mask.shape:
+                        y, r = y[mask], r[mask]  # real tokens only
                     d = np.asarray(y, np.float64) - r
                     num += float(np.sum(d * d))
                     den += float(np.sum(np.asarray(r, np.float64) ** 2))
         return num / den if den > 0 else 0.0
+
+
+def probe_mask(model: onnx.ModelProto, config) -> str | None:
+    """The token-mask input the output error restricts itself to (None: every position counts)."""
+    from .calibrate import find_token_mask
+
+    return find_token_mask(model, config.token_mask)
+
+
+def probe_key(model: onnx.ModelProto, config) -> str:
+    """Where a variant's output error is cached in its database entry: the sample count, marked when only real
+    tokens count (entries written before that change measured every position and are not reused)."""
+    return str(config.allocation_samples) + (":real-tokens" if probe_mask(model, config) else "")
 
 
 def candidate_bits(config) -> list[int]:
@@ -341,16 +362,17 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
             memory = plan.summary()
             t_solve = time.perf_counter() - ts - t_cal  # the stages' solves (and writing the variants)
 
+        pkey = probe_key(model, config)
         if config.allocation_error == "output":
             to = time.perf_counter()
             probe = None
             for l in progress(layers, "output errors", len(layers)):
                 for s in offered[l.name]:
                     e = db.index[key(l, s)]
-                    if e.get("output_error", {}).get(str(config.allocation_samples)) is None:
+                    if e.get("output_error", {}).get(pkey) is None:
                         probe = probe or OutputProbe(model, layers, calib, config, config.allocation_samples)
                         w = l.layout.from_matrices(db.get(key(l, s)).mats.astype(l.weight.dtype), l.weight.shape)
-                        e.setdefault("output_error", {})[str(config.allocation_samples)] = probe.error(l, w)
+                        e.setdefault("output_error", {})[pkey] = probe.error(l, w)
             db.save()
             t_out = time.perf_counter() - to
         variants: dict[str, list[Variant]] = {}
@@ -365,7 +387,7 @@ def run(model: onnx.ModelProto, layers: list[Layer], base_specs: dict[str, Layer
                 applied = None if e["dense"] else LayerSpec(**e["applied"])
                 cost = layer_cost(l, applied, storage_format(l, None if applied is None else applied.bits, opts),
                                   macs[l.name], act_bits)
-                err = (e["output_error"][str(config.allocation_samples)] if config.allocation_error == "output"
+                err = (e["output_error"][pkey] if config.allocation_error == "output"
                        else e["error"])
                 vs.append(Variant(s, k, float(err), cost))
             vs[0].cost = layer_cost(l, None, "float", macs[l.name], act_bits)

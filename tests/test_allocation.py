@@ -181,6 +181,54 @@ def test_output_error_is_the_swapped_models_output_change():
     assert probe.error(layer, layer.weight) == 0.0
 
 
+def _masked_matmul():
+    """Y = X @ W over [batch, sequence, 4] with an ``attention_mask`` input the graph does not read (like a
+    transformer's padded positions: they are computed, but nobody uses them)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm/MatMul")], "masked",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", "S", 4]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", "S", 3])],
+        [onnx.numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_output_error_counts_real_tokens_only():
+    from onnxobc.allocation import OutputProbe, probe_key
+
+    model = _masked_matmul()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 6, 4)).astype(np.float32)
+    mask = np.ones((8, 6), np.int64)
+    mask[:, 4:] = 0
+    x[:, :4, 3] = 0.0  # input 3 is used only at the padded positions
+    feeds = [{"X": x, "attention_mask": mask}]
+    layers, _ = find_layers(model)
+    layer = layers[0]
+    w = layer.weight.copy()
+    w[3] += 0.5  # a change that moves only the padded outputs ...
+    w[0] += 0.01  # ... and a small one that moves the real tokens too
+    ref, got = x @ layer.weight, x @ w
+    m = mask != 0
+
+    def rel2(a, b):
+        return float(np.sum((b.astype(np.float64) - a) ** 2) / np.sum(a.astype(np.float64) ** 2))
+
+    masked = OutputProbe(model, layers, feeds, CompressConfig(bits=4), samples=8)
+    assert masked.error(layer, w) == pytest.approx(rel2(ref[m], got[m]), rel=1e-4)
+    everywhere = OutputProbe(model, layers, feeds, CompressConfig(bits=4, token_mask="none"), samples=8)
+    assert everywhere.error(layer, w) == pytest.approx(rel2(ref, got), rel=1e-4)
+    assert 0 < masked.error(layer, w) < 0.1 * everywhere.error(layer, w)
+    # the cache keeps the two apart, and a model without a mask input keeps the old key
+    assert probe_key(model, CompressConfig(bits=4)) == "32:real-tokens"
+    assert probe_key(model, CompressConfig(bits=4, token_mask="none")) == "32"
+    assert probe_key(graphs.mixed_cnn(), CompressConfig(bits=4)) == "32"
+
+
 def test_output_error_allocation_runs_and_is_cached(tmp_path):
     model = graphs.mixed_cnn()
     feeds = [calib(model, 16)]

@@ -148,12 +148,14 @@ def main() -> int:
     # the same DP on the database's numbers must give the library's picks (else the table below is not its plan)
     from onnxobc.export.cost import layer_cost
 
+    from onnxobc.allocation import probe_key
+
+    pkey = probe_key(model, cfg)  # where the library stored the swap scores (real tokens only, for a masked model)
     costs, errors = [], []
     for l in layers:
         macs = db.index[table[l.name][cand[0]]]["macs"]
         costs.append([float(layer_cost(l, None, "float", macs).eff_macs)] + [macs * (1 - sp) for sp in cand])
-        errors.append([0.0] + [db.index[table[l.name][sp]]["output_error"][str(args.allocation_samples)]
-                               for sp in cand])
+        errors.append([0.0] + [db.index[table[l.name][sp]]["output_error"][pkey] for sp in cand])
     picks = allocate(costs, errors, args.flops * sum(c[0] for c in costs))
     mine = {l.name: (cand[p - 1] if p > 0 else None) for l, p in zip(layers, picks)}
     if mine != chosen:

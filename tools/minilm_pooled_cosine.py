@@ -1,5 +1,6 @@
 """MiniLM: cosine of dense vs compressed outputs on real tokens, on padded positions, and of the mean-pooled
-sentence embedding (mean of last_hidden_state over attention_mask), on the first N test sentences.
+sentence embedding (mean of last_hidden_state over attention_mask), on the first N test sentences; and the
+relative L2 error ||c - r|| / ||r|| of last_hidden_state over the real tokens and over every position.
 
     python tools/minilm_pooled_cosine.py --models-dir /work/cache/models a.onnx b.onnx ... [--samples 64]
 """
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
+    def rel(a, b):
+        return float(np.linalg.norm(np.asarray(b, np.float64) - a) / np.linalg.norm(np.asarray(a, np.float64)))
+
     def cos(a, b):
         return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -42,7 +46,8 @@ def main(argv=None) -> int:
         emb = cos(pool(ref), pool(c))
         pad = cos(ref[~m], c[~m]) if (~m).any() else np.array([np.nan])
         print(f"{p.name}: real-token cos {cos(ref[m], c[m]).mean():.4f}  padded-token cos {pad.mean():.4f}  "
-              f"pooled-embedding cos {emb.mean():.4f} (min {emb.min():.4f})")
+              f"pooled-embedding cos {emb.mean():.4f} (min {emb.min():.4f})  "
+              f"rel L2 real tokens {rel(ref[m], c[m]):.4f}  rel L2 all {rel(ref, c):.4f}")
     return 0
 
 
