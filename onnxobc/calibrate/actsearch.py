@@ -153,12 +153,13 @@ def _candidates(ob: RangeObserver, t: str, base: ActQuantParams, bits: int) -> l
 
 def search_activation_ranges(
     dense: onnx.ModelProto, weights_model: onnx.ModelProto, sites: list, params: dict[str, ActQuantParams],
-    observer: RangeObserver, feeds: list[dict], insert: Callable, bits: int = 8,
+    observer: RangeObserver, feeds: list[dict], insert: Callable, bits: int = 8, target_factor: float = TARGET_FACTOR,
 ) -> tuple[list, dict[str, ActQuantParams], SearchReport]:
     """The sites to quantize (some may be dropped: kept in float), their parameters, and what the search did.
 
     ``dense``: the input model; ``weights_model``: the model with its compressed weights and float activations;
-    ``insert(model, sites, params)`` adds the activation Q/DQ pairs in place (export.actquant.insert_activation_qdq).
+    ``insert(model, sites, params)`` adds the activation Q/DQ pairs in place (export.actquant.insert_activation_qdq);
+    ``target_factor``: tensors are kept float while the error exceeds this multiple of the weight-only error.
     """
     targets = scored_tensors(dense)
     dense, weights_model = with_outputs(dense, targets), with_outputs(weights_model, targets)
@@ -202,7 +203,7 @@ def search_activation_ranges(
     err = score.error(with_sites(chosen, params)) if tuned else before
     tuned_err = err
     kept = []
-    target = TARGET_FACTOR * w_err
+    target = target_factor * w_err
     limit = max(1, int(MAX_FLOAT_FRACTION * len(sites)))
     tries = 0
     for s in sorted(sites, key=lambda s: -single[s.tensor]):
