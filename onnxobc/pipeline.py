@@ -416,7 +416,8 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
                                   max_samples=config.act_search_samples))
         sites, params, search = search_activation_ranges(dense, model, sites, params, observer, feeds,
                                                          insert_activation_qdq, config.act_bits,
-                                                         target_factor=config.act_search_target)
+                                                         target_factor=config.act_search_target,
+                                                         metric=config.act_search_metric)
         notes += [dict(note=n) for n in search_notes(search)]
     return sites, params
 
