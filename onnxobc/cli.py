@@ -149,7 +149,8 @@ def _config_from_args(args: argparse.Namespace):
         verify=args.verify, verify_samples=args.verify_samples, token_mask=args.token_mask,
         sparse_storage=args.sparse_storage, act_bits=args.act_bits, act_calib=args.act_calib,
         act_percentile=args.act_percentile, act_bias_correction=args.act_bias_correction,
-        smooth_alpha=args.smooth_alpha, act_noise=args.act_noise, layer_error=not args.no_layer_error,
+        smooth_alpha=args.smooth_alpha, act_noise=args.act_noise, act_search_target=args.act_search_target,
+        act_search_samples=args.act_search_samples, act_search_metric=args.act_search_metric, layer_error=not args.no_layer_error,
         plan=None if args.plan is None else load_plan(args.plan),
         batch_axes=_batch_axes(args), verify_data=args.verify_data, executor=args.executor,
         ray_address=args.ray_address, sequential=args.sequential, stage_memory=args.stage_memory,
@@ -537,6 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range: observed min-max (default), a percentile, the MSE-optimal clipping, or "
                         "search: ranges chosen by the model's output error on calibration samples (ONNX Runtime runs), "
                         "the costliest tensors kept in float until W8A8 is within 2x of the weight-only error (reported)")
+    a.add_argument("--act-search-target", type=float, default=2.0, metavar="F",
+                   help="--act-calib search: keep the costliest tensors in float while the in-sample W8A8 output error "
+                        "exceeds F x the weight-only error (default 2; held-out errors are usually higher, so a "
+                        "stricter F such as 1.5 keeps more tensors float for a held-out 2x)")
+    a.add_argument("--act-search-samples", type=int, default=64, metavar="N",
+                   help="--act-calib search: calibration samples the search measures on (default 64)")
+    a.add_argument("--act-search-metric", choices=["logits", "output"], default="logits",
+                   help="--act-calib search: the error is taken on the logits behind Softmax/Sigmoid outputs "
+                        "(default) or on the outputs themselves (for probability maps that are read as such, "
+                        "e.g. a detector's thresholded sigmoid map)")
     a.add_argument("--act-percentile", type=float, default=99.99, metavar="P",
                    help="percentile for --act-calib percentile (default 99.99; the low end uses 100 - P)")
     a.add_argument("--act-bias-correction", action="store_true",

@@ -42,6 +42,9 @@ class CompressConfig(LayerSpec):
     act_bias_correction: bool = False  # W8A8: correct each layer's output mean shift in its bias (calibrate.biascorr)
     smooth_alpha: float | None = None  # W8A8: SmoothQuant migration strength (calibrate.smooth); None: off
     act_noise: bool = False  # W8A8: each quantized input's rounding noise (scale^2 / 12) added to its layer's Hessian
+    act_search_target: float = 2.0  # --act-calib search: keep tensors float while W8A8 > this x weight-only (in-sample)
+    act_search_samples: int = 64  # --act-calib search: calibration samples the search measures on
+    act_search_metric: str = "logits"  # --act-calib search: error on the logits behind Softmax/Sigmoid, or 'output'
     plan: tuple | None = None  # rules (dicts) as in a --plan file, already parsed
     target_flops: float | None = None  # keep at most this fraction of the selected layers' dense MACs
     target_size: float | None = None  # stored weight bytes at most this fraction of their fp32 bytes
@@ -151,6 +154,13 @@ class CompressConfig(LayerSpec):
         if self.act_bits is None and (self.act_bias_correction or self.smooth_alpha is not None or self.act_noise):
             raise ValueError("--act-bias-correction, --smooth-alpha and --act-noise act on quantized activations: "
                              "give --act-bits 8")
+        if not self.act_search_target >= 1.0:
+            raise ValueError(f"--act-search-target must be >= 1 (a multiple of the weight-only error), got "
+                             f"{self.act_search_target}")
+        if self.act_search_metric not in ("logits", "output"):
+            raise ValueError(f"--act-search-metric must be logits or output, got {self.act_search_metric!r}")
+        if self.act_search_samples < 1:
+            raise ValueError(f"--act-search-samples must be >= 1, got {self.act_search_samples}")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ValueError(f"--smooth-alpha must be in (0, 1), got {self.smooth_alpha}")
         if not 50.0 < self.act_percentile <= 100.0:

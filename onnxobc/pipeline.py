@@ -439,9 +439,12 @@ def _act_params(act: tuple, dense: onnx.ModelProto, calib: Any, config: Compress
         from .calibrate.actsearch import search_activation_ranges, search_notes
         from .export.actquant import insert_activation_qdq
 
-        feeds = list(iter_batches(calib, _inputs(dense, config), batch_size=config.batch_size, max_samples=64))
+        feeds = list(iter_batches(calib, _inputs(dense, config), batch_size=config.batch_size,
+                                  max_samples=config.act_search_samples))
         sites, params, search = search_activation_ranges(dense, model, sites, params, observer, feeds,
-                                                         insert_activation_qdq, config.act_bits)
+                                                         insert_activation_qdq, config.act_bits,
+                                                         target_factor=config.act_search_target,
+                                                         metric=config.act_search_metric)
         notes += [dict(note=n) for n in search_notes(search)]
     return sites, params
 

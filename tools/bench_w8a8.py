@@ -2,7 +2,7 @@
 
     python tools/bench_w8a8.py MODEL.onnx --calib calib.npz --test test.npz [--labels label] [--input x,y]
         [--configs w8,a8_minmax,a8_percentile,a8_mse,a8_search,ort_minmax,ort_percentile,ort_entropy,nncf]
-        [--out DIR] [--opset 13] [--samples N]
+        [--out DIR] [--opset 13] [--samples N] [--extra "ONNXOBC FLAGS" --tag NAME]
 
 (more configs: a8_minmax_bc, a8_search_bc (``--act-bias-correction``), a8_smooth, a8_smooth_bc, a8_smooth_search
 (``--smooth-alpha 0.5``), nncf_transformer (NNCF with ``model_type=TRANSFORMER``, its SmoothQuant on),
@@ -20,6 +20,10 @@ Every candidate is compared with the input model by ``onnxobc.evaluate`` on the 
 output, top-1 agreement and accuracy where it applies). ORT and NNCF get the model converted to ``--opset`` (ORT's
 per-channel QDQ needs 13) and the same calibration samples. NNCF is optional (``pip install nncf``): its rows are
 skipped when it does not import. Prints one line per config and adds them to DIR/results.json.
+``--extra`` appends flags to every onnxobc config (e.g. ``"--method auto --act-noise"``; a repeated flag's last
+value wins) and ``--tag`` names the variant (config ``a8_search_bc`` becomes ``a8_search_bc+TAG`` in the results and
+the file names). Models with a token mask (an integer ``attention_mask`` input) also get the rel L2 / cosine over
+the real tokens only (``rel_l2_real``), the positions that anything downstream reads.
 """
 from __future__ import annotations
 
@@ -139,6 +143,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS")
     ap.add_argument("--slice", action="append", default=[], metavar="NAME:AXIS:START:STOP")
+    ap.add_argument("--extra", default="", help="more onnxobc compress flags for every onnxobc config (one string)")
+    ap.add_argument("--tag", default=None, help="suffix of the config names with --extra (default: the flags)")
     args = ap.parse_args()
 
     from onnxobc.calibrate.data import parse_batch_axes
@@ -158,14 +164,18 @@ def main() -> None:
     onnx.save(m, str(converted))
     inputs = args.input.split(",") if args.input else [i.name for i in m.graph.input]
     results = {}
+    extra = args.extra.split()
+    tag = (args.tag or "".join(extra).replace("--", "_").strip("_")) if extra else None
     for cfg in args.configs.split(","):
-        cand = out / f"{model.stem}.{cfg}.onnx"
+        key = cfg if tag is None or _onnxobc_flags(cfg) is None else f"{cfg}+{tag}"
+        cand = out / f"{model.stem}.{key.replace('+', '.')}.onnx"
         t = time.perf_counter()
         try:
             if _onnxobc_flags(cfg) is not None:
                 rc = cli(["compress", str(model), "--calib", args.calib, "--opset", str(args.opset), "-o", str(cand),
-                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size)] + ba
-                         + _onnxobc_flags(cfg) + ([] if args.samples is None else ["--samples", str(args.samples)]))
+                          "--force", "-q", "--no-layer-error", "--batch-size", str(args.batch_size),
+                          "--report", str(cand.with_suffix(".report.json"))] + ba
+                         + _onnxobc_flags(cfg) + extra + ([] if args.samples is None else ["--samples", str(args.samples)]))
                 if rc:
                     raise RuntimeError(f"onnxobc exit {rc}")
             elif cfg.startswith("ort_"):
@@ -176,26 +186,29 @@ def main() -> None:
             else:
                 raise ValueError(f"unknown config {cfg}")
         except ImportError as e:
-            print(f"{cfg:16s} skipped ({e})")
+            print(f"{key:16s} skipped ({e})")
             continue
         except Exception as e:  # noqa: BLE001 -- ORT's or NNCF's own failure on this model is a result
             if _onnxobc_flags(cfg) is not None:
                 raise
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
-            print(f"{cfg:16s} failed ({msg})", flush=True)
-            results[cfg] = {"error": msg}
+            print(f"{key:16s} failed ({msg})", flush=True)
+            results[key] = {"error": msg}
             continue
         secs = time.perf_counter() - t
         res = evaluate(str(model), str(cand), args.test, labels=args.labels, latency_runs=0,
                        batch_size=args.batch_size, batch_axes=axes or None, slices=args.slice or None)
         o = res.outputs[0]
-        results[cfg] = {"rel_l2": o.rel_l2, "top1": o.top1, "acc_ref": o.acc_ref, "acc_cand": o.acc_cand,
+        real = next((r for r in res.outputs if r.name == f"{o.name}[real tokens]"), None)
+        results[key] = {"rel_l2": o.rel_l2, "top1": o.top1, "acc_ref": o.acc_ref, "acc_cand": o.acc_cand,
                         "cosine": o.cosine, "seconds": secs, "samples": res.samples,
-                        "outputs": {x.name: x.rel_l2 for x in res.outputs}}
-        extra = "" if o.top1 is None else f"  top-1 agreement {o.top1:.4f}  acc {o.acc_cand}"
-        extra += "" if o.cosine is None else f"  cosine {o.cosine:.5f}"
-        extra += "".join(f"  {x.name} {x.rel_l2:.4f}" for x in res.outputs[1:])
-        print(f"{cfg:16s} rel L2 {o.rel_l2:.4f}{extra}  ({secs:.1f} s)", flush=True)
+                        "outputs": {x.name: x.rel_l2 for x in res.outputs},
+                        **({} if real is None else {"rel_l2_real": real.rel_l2, "cosine_real": real.cosine})}
+        line = "" if o.top1 is None else f"  top-1 agreement {o.top1:.4f}  acc {o.acc_cand}"
+        line += "" if o.cosine is None else f"  cosine {o.cosine:.5f}"
+        line += "".join(f"  {x.name} {x.rel_l2:.4f}" for x in res.outputs[1:] if x is not real)
+        line += "" if real is None else f"  real tokens: rel L2 {real.rel_l2:.4f} cosine {real.cosine:.5f}"
+        print(f"{key:16s} rel L2 {o.rel_l2:.4f}{line}  ({secs:.1f} s)", flush=True)
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **results}, indent=2))  # configs run separately accumulate

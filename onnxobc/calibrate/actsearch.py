@@ -52,6 +52,7 @@ class SearchReport:
     kept_float: list[dict]  # {tensor, error_alone, error_after}
     runs: int
     samples: int  # calibration samples the errors were measured on (in-sample)
+    metric: str = "logits"  # what the error was taken on: logits behind Softmax/Sigmoid outputs, or the outputs
 
 
 def _session(model: onnx.ModelProto):
@@ -66,13 +67,22 @@ def _session(model: onnx.ModelProto):
 
 
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
+SEARCH_METRICS = ("logits", "output")
 SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 
 
-def scored_tensors(model: onnx.ModelProto) -> list[str]:
-    """What the search compares: each graph output, or the logits before it when it is a Softmax / Sigmoid (a
-    saturated probability hides most of the error, and the few samples near a decision boundary then decide
-    every choice: ranges fitted to them did not carry over to held-out data on PP-OCR's classifier)."""
+def scored_tensors(model: onnx.ModelProto, metric: str = "logits") -> list[str]:
+    """What the search compares: each graph output, or (``metric`` "logits", the default) the logits before it
+    when it is a Softmax / Sigmoid (a saturated probability hides most of the error, and the few samples near a
+    decision boundary then decide every choice: ranges fitted to them did not carry over to held-out data on
+    PP-OCR's classifier). ``metric`` "output": the graph outputs themselves, for a model whose probabilities are
+    what is read (a segmentation map thresholded at 0.3, whose logits are dominated by the saturated background:
+    on PP-OCR's detector the search reached 2x the weight-only error on the logits and stayed at 2.8x on the map,
+    in-sample)."""
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"search metric must be one of {', '.join(SEARCH_METRICS)}, got {metric!r}")
+    if metric == "output":
+        return list(dict.fromkeys(o.name for o in model.graph.output))
     prod = {o: n for n in model.graph.node for o in n.output}
     out = []
     for o in model.graph.output:
@@ -164,14 +174,17 @@ def float_limit(n_sites: int) -> int:
 
 def search_activation_ranges(
     dense: onnx.ModelProto, weights_model: onnx.ModelProto, sites: list, params: dict[str, ActQuantParams],
-    observer: RangeObserver, feeds: list[dict], insert: Callable, bits: int = 8,
+    observer: RangeObserver, feeds: list[dict], insert: Callable, bits: int = 8, target_factor: float = TARGET_FACTOR,
+    metric: str = "logits",
 ) -> tuple[list, dict[str, ActQuantParams], SearchReport]:
     """The sites to quantize (some may be dropped: kept in float), their parameters, and what the search did.
 
     ``dense``: the input model; ``weights_model``: the model with its compressed weights and float activations;
-    ``insert(model, sites, params)`` adds the activation Q/DQ pairs in place (export.actquant.insert_activation_qdq).
+    ``insert(model, sites, params)`` adds the activation Q/DQ pairs in place (export.actquant.insert_activation_qdq);
+    ``target_factor``: tensors are kept float while the error exceeds this multiple of the weight-only error;
+    ``metric``: what the error is taken on (see ``scored_tensors``).
     """
-    targets = scored_tensors(dense)
+    targets = scored_tensors(dense, metric)
     dense, weights_model = with_outputs(dense, targets), with_outputs(weights_model, targets)
     score = _Scorer(feeds, dense, targets)
     w_err = score.error(weights_model)
@@ -213,7 +226,7 @@ def search_activation_ranges(
     err = score.error(with_sites(chosen, params)) if tuned else before
     tuned_err = err
     kept = []
-    target = TARGET_FACTOR * w_err
+    target = target_factor * w_err
     limit = float_limit(len(sites))
     tries = 0
     best = (list(chosen), err, 0)  # the fewest float tensors at the lowest error so far
@@ -236,7 +249,7 @@ def search_activation_ranges(
     names = {c.tensor for c in chosen}
     chosen = [c if c.pad_of is None or c.pad_of in names else replace(c, pad_of=None) for c in chosen]
     report = SearchReport(w_err, before, tuned_err, err, tuned, kept, score.runs,
-                          sum(int(getattr(f, "samples", 1)) for f in feeds))
+                          sum(int(getattr(f, "samples", 1)) for f in feeds), metric)
     log.info("activation search: weight-only %.4g, W8A8 %.4g -> tuned %.4g -> %d kept float %.4g (%d runs)",
              w_err, before, tuned_err, len(kept), err, score.runs)
     return chosen, params, report
@@ -245,7 +258,7 @@ def search_activation_ranges(
 def search_notes(r: SearchReport) -> list[str]:
     """One line per decision, for the report's activation notes."""
     notes = [f"range search on {r.samples} calibration samples (in-sample, {r.runs} ONNX Runtime runs): output "
-             f"(logits for Softmax/Sigmoid outputs) rel L2 {r.before_error:.4g} -> {r.tuned_error:.4g} with searched ranges -> {r.final_error:.4g} with "
+             f"{'(logits for Softmax/Sigmoid outputs) ' if r.metric == 'logits' else ''}rel L2 {r.before_error:.4g} -> {r.tuned_error:.4g} with searched ranges -> {r.final_error:.4g} with "
              f"{len(r.kept_float)} tensors kept float (weight-only 8-bit: {r.weight_only_error:.4g})"]
     for t in r.tuned:
         notes.append(f"{t['tensor']}: range [{t['range'][0]:.4g}, {t['range'][1]:.4g}] instead of "
