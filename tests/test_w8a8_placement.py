@@ -120,8 +120,8 @@ def outlier_mlp():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=graphs.IR_VERSION)
 
 
-def test_search_keeps_the_costly_tensor_float_and_reports_it():
-    model = outlier_mlp()
+def _calib_and_error(model):
+    """Two calibration feeds of ``model``, and the rel L2 of a model's output against ``model``'s on them."""
     calib = [graphs.make_feed(model, 32, seed=s) for s in range(2)]
     feed = {"X": np.concatenate([c["X"] for c in calib])}
     ref = _run(model, feed)[0]
@@ -129,6 +129,12 @@ def test_search_keeps_the_costly_tensor_float_and_reports_it():
     def err(m):
         return float(np.linalg.norm(_run(m, feed)[0] - ref) / np.linalg.norm(ref))
 
+    return calib, err
+
+
+def test_search_keeps_the_costly_tensor_float_and_reports_it():
+    model = outlier_mlp()
+    calib, err = _calib_and_error(model)
     w8 = err(compress(model, None, calib, CompressConfig(bits=8, method="rtn")).extra["model"])
     plain = err(compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn")).extra["model"])
     res = compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
@@ -171,13 +177,7 @@ def outlier_chain(n=8, outliers=(2, 5)):
 
 def test_search_keeps_two_tensors_float_in_a_model_of_eight_sites():
     model = outlier_chain()
-    calib = [graphs.make_feed(model, 32, seed=s) for s in range(2)]
-    feed = {"X": np.concatenate([c["X"] for c in calib])}
-    ref = _run(model, feed)[0]
-
-    def err(m):
-        return float(np.linalg.norm(_run(m, feed)[0] - ref) / np.linalg.norm(ref))
-
+    calib, err = _calib_and_error(model)
     w8 = err(compress(model, None, calib, CompressConfig(bits=8, method="rtn")).extra["model"])
     res = compress(model, None, calib, CompressConfig(bits=8, act_bits=8, method="rtn", act_calib="search"))
     notes = [a["note"] for a in res.activations if "note" in a]
